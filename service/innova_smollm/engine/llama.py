@@ -1,0 +1,271 @@
+"""The llama.cpp engine: the only place that imports llama_cpp.
+
+One :class:`LlamaEngine` owns one model, one llama context and the single worker thread that ever touches that
+context, so two requests can never race inside llama.cpp. Jobs wait in a FIFO in front of the worker; the worker
+checks each job's sink between tokens, which is how a client that goes away stops its generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+from llama_cpp import llama_chat_format
+
+from innova_smollm.errors import GenerationError, ModelLoadError, NotReadyError, RequestTimeoutError
+from innova_smollm.generation import ChatMessage, FinishReason, GenerationJob, ModelMetadata, TokenSink
+from innova_smollm.settings import Settings
+from innova_smollm.textstream import TextAssembler
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+
+#: llama.cpp's ``general.file_type`` values (enum llama_ftype) and the names people know them by.
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+    19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
+    26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16",
+    36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
+}  # fmt: skip
+
+#: Used when a GGUF carries no chat template: ChatML, which most small instruct models were tuned on.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def check_model_file(path: Path) -> None:
+    """Fail with a message an operator can act on: the resolved path and what its directory holds."""
+    if not path.exists():
+        raise ModelLoadError(f"model file {path} does not exist; {_directory_listing(path.parent)}")
+    if not path.is_file():
+        raise ModelLoadError(f"model path {path} is not a regular file; {_directory_listing(path.parent)}")
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"model file {path} cannot be read: {exc.strerror}") from None
+    size = path.stat().st_size
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'; {size} bytes)")
+
+
+def _directory_listing(directory: Path) -> str:
+    if not directory.is_dir():
+        return f"its directory {directory} does not exist either"
+    try:
+        entries = sorted(entry.name for entry in directory.iterdir())
+    except OSError as exc:
+        return f"its directory {directory} cannot be listed: {exc.strerror}"
+    if not entries:
+        return f"its directory {directory} is empty"
+    shown = ", ".join(entries[:20]) + (f", ... ({len(entries)} entries)" if len(entries) > 20 else "")
+    return f"its directory {directory} holds: {shown}"
+
+
+class LlamaEngine:
+    """A loaded GGUF model served by one worker thread, one request at a time."""
+
+    def __init__(self, settings: Settings) -> None:
+        path = settings.model_path
+        check_model_file(path)
+        started = time.perf_counter()
+        self._llama, n_gpu_layers = _open_model(path, settings)
+        load_time = time.perf_counter() - started
+        self._chat_formatter, template_source = self._make_chat_formatter()
+        self._vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
+        self._metadata = self._describe(path, settings, n_gpu_layers, load_time, template_source)
+        self._timeout_s = settings.request_timeout_s
+        self._jobs: queue.SimpleQueue[tuple[GenerationJob, TokenSink] | None] = queue.SimpleQueue()
+        self._closed = False
+        self._worker = threading.Thread(target=self._serve, name="llama-engine", daemon=True)
+        self._worker.start()
+
+    @property
+    def metadata(self) -> ModelMetadata:
+        return self._metadata
+
+    # --- tokens ---------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        tokens: list[int] = self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        return tokens
+
+    def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        conversation: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
+        rendered = self._chat_formatter(messages=conversation)
+        # The template writes the special tokens (BOS included) itself, so none are added here.
+        tokens: list[int] = self._llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
+        return tokens
+
+    # --- jobs -----------------------------------------------------------------------------------------------
+
+    def submit(self, job: GenerationJob, sink: TokenSink) -> None:
+        if self._closed:
+            sink.failed(NotReadyError("stopping", "the engine is shut down"))
+            return
+        self._jobs.put((job, sink))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        self._worker.join(timeout=30)
+        self._llama.close()
+
+    def _serve(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                break
+            job, sink = item
+            if sink.cancelled():
+                continue
+            if time.monotonic() > job.deadline:
+                sink.failed(RequestTimeoutError(self._timeout_s))
+                continue
+            try:
+                self._run(job, sink)
+            except Exception as exc:  # keep serving: one bad job must not take the worker down
+                log.exception("generation failed")
+                sink.failed(GenerationError(f"llama.cpp failed during generation: {exc}"))
+        # Whatever is still queued at shutdown is told so instead of waiting forever.
+        with contextlib.suppress(queue.Empty):
+            while (item := self._jobs.get_nowait()) is not None:
+                item[1].failed(NotReadyError("stopping", "the engine shut down before this request ran"))
+
+    def _run(self, job: GenerationJob, sink: TokenSink) -> None:
+        sink.started()
+        sampling = job.sampling
+        self._llama.set_seed(sampling.seed if sampling.seed is not None else random.randrange(2**31))
+        assembler = TextAssembler(job.stop)
+        produced = 0
+        reason = FinishReason.LENGTH
+        tokens = self._llama.generate(
+            list(job.prompt_tokens),
+            temp=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            min_p=sampling.min_p,
+            repeat_penalty=sampling.repeat_penalty,
+            reset=True,
+        )
+        try:
+            for token in tokens:
+                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                    reason = FinishReason.STOP
+                    break
+                produced += 1
+                fed = assembler.feed(self._llama.detokenize([token]))
+                if fed.text:
+                    sink.text(fed.text)
+                if fed.stopped:
+                    reason = FinishReason.STOP
+                    break
+                if produced >= job.max_tokens:
+                    break
+                if sink.cancelled():
+                    reason = FinishReason.CANCELLED
+                    break
+                if time.monotonic() > job.deadline:
+                    reason = FinishReason.TIMEOUT
+                    break
+        finally:
+            tokens.close()
+        tail = assembler.flush()
+        if tail:
+            sink.text(tail)
+        sink.finished(reason, produced)
+
+    # --- description ----------------------------------------------------------------------------------------
+
+    def _make_chat_formatter(self) -> tuple[llama_chat_format.Jinja2ChatFormatter, str]:
+        template = self._llama.metadata.get("tokenizer.chat_template")
+        source = "gguf"
+        if not template:
+            template, source = FALLBACK_CHAT_TEMPLATE, "fallback:chatml"
+        eos, bos = self._llama.token_eos(), self._llama.token_bos()
+        formatter = llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=self._token_text(eos),
+            bos_token=self._token_text(bos),
+            add_generation_prompt=True,
+        )
+        return formatter, source
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return bytes(self._llama.detokenize([token], special=True)).decode("utf-8", errors="replace")
+
+    def _describe(
+        self, path: Path, settings: Settings, n_gpu_layers: int, load_time: float, template_source: str
+    ) -> ModelMetadata:
+        meta: dict[str, Any] = self._llama.metadata
+        file_type = int(meta.get("general.file_type", -1))
+        return ModelMetadata(
+            name=path.stem,
+            path=str(path),
+            architecture=str(meta.get("general.architecture", "unknown")),
+            parameters=int(llama_cpp.llama_model_n_params(self._llama.model)),
+            file_size_bytes=path.stat().st_size,
+            quantization=FILE_TYPES.get(file_type, f"unknown (file_type {file_type})"),
+            n_ctx=int(self._llama.n_ctx()),
+            n_ctx_train=int(llama_cpp.llama_model_n_ctx_train(self._llama.model)),
+            n_threads=settings.n_threads,
+            n_gpu_layers=n_gpu_layers,
+            device="gpu" if n_gpu_layers != 0 else "cpu",
+            has_chat_template=template_source == "gguf",
+            chat_template_source=template_source,
+            vocab_size=int(self._llama.n_vocab()),
+            llama_cpp_python_version=str(llama_cpp.__version__),
+            load_time_s=round(load_time, 3),
+            parallel=1,
+        )
+
+
+def _open_model(path: Path, settings: Settings) -> tuple[llama_cpp.Llama, int]:
+    """Load the GGUF, offloading layers when asked and possible; on any offload failure fall back to the CPU."""
+    n_gpu_layers = settings.n_gpu_layers
+    if n_gpu_layers != 0 and not llama_cpp.llama_supports_gpu_offload():
+        log.warning(
+            "SMOLLM_N_GPU_LAYERS=%d but this llama.cpp build cannot offload to a GPU; running on the CPU",
+            n_gpu_layers,
+            extra={"event": "gpu_fallback"},
+        )
+        n_gpu_layers = 0
+    try:
+        return _construct(path, settings, n_gpu_layers), n_gpu_layers
+    except (ValueError, RuntimeError, OSError) as exc:
+        if n_gpu_layers == 0:
+            raise ModelLoadError(f"llama.cpp could not load {path}: {exc}") from None
+        log.warning("GPU offload failed (%s); loading on the CPU instead", exc, extra={"event": "gpu_fallback"})
+    try:
+        return _construct(path, settings, 0), 0
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise ModelLoadError(f"llama.cpp could not load {path}: {exc}") from None
+
+
+def _construct(path: Path, settings: Settings, n_gpu_layers: int) -> llama_cpp.Llama:
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=settings.n_ctx,
+        n_threads=settings.n_threads,
+        n_threads_batch=max(settings.n_threads, len(os.sched_getaffinity(0))),
+        n_gpu_layers=n_gpu_layers,
+        n_batch=min(512, settings.n_ctx),
+        verbose=False,
+    )

@@ -1,0 +1,177 @@
+"""Wire types of the native API (``/innova/api/smollm/*`` and ``/innova/api/chatlaya/message``).
+
+Field constraints live in the shared ``Annotated`` aliases below, so validation and the OpenAPI text come from one
+place. Native requests reject unknown fields: a typo such as ``max_token`` gets a 400 naming it instead of being
+silently ignored. Limits that depend on settings (message count, max_tokens cap, context) are checked in the service.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+Role = Annotated[
+    Literal["system", "user", "assistant"],
+    Meta(description="Who wrote the message: `system` instructions, the `user`, or an earlier `assistant` answer."),
+]
+Content = Annotated[str, Meta(max_length=200_000, description="The message text.")]
+MaxTokens = Annotated[
+    int,
+    Meta(
+        ge=1,
+        description="Most tokens to generate. Omitted: as many as fit, up to the server cap (SMOLLM_MAX_TOKENS). "
+        "Above the cap, or beyond the context window together with the prompt: 400.",
+    ),
+]
+Temperature = Annotated[
+    float, Meta(ge=0.0, le=2.0, description="Sampling temperature; 0 picks the most likely token (greedy).")
+]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest token set of this mass.")]
+TopK = Annotated[int, Meta(ge=0, le=1000, description="Keep only the K most likely tokens (0: no limit).")]
+Seed = Annotated[
+    int, Meta(ge=0, le=2**32 - 1, description="Fixes the random draw so the same request gives the same answer.")
+]
+StopList = Annotated[
+    list[Annotated[str, Meta(min_length=1, max_length=200)]],
+    Meta(description="Strings that end the answer when generated; they are not included in it."),
+]
+Stop = Annotated[str | StopList, Meta(description="One stop string or a list of them.")]
+Stream = Annotated[bool, Meta(description="Answer as Server-Sent Events, one `token` event per chunk then `done`.")]
+
+
+class ChatMessageIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    role: Role
+    content: Content
+
+
+class SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature = 0.7
+    top_p: TopP = 0.95
+    top_k: TopK = 40
+    stop: Stop | None = None
+    seed: Seed | None = None
+    stream: Stream = False
+
+
+class ChatRequest(SamplingFields, kw_only=True, forbid_unknown_fields=True):
+    messages: Annotated[
+        list[ChatMessageIn],
+        Meta(min_length=1, description="The conversation so far, oldest first; the answer continues it."),
+    ]
+
+
+class GenerateRequest(SamplingFields, kw_only=True, forbid_unknown_fields=True):
+    prompt: Annotated[
+        str,
+        Meta(min_length=1, max_length=1_000_000, description="Raw text to continue; no chat template is applied."),
+    ]
+
+
+class ModelInfo(msgspec.Struct, kw_only=True):
+    model_name: Annotated[str, Meta(description="The GGUF file's stem, e.g. Llama-3.2-3B-Instruct-Q4_K_M.")]
+    device: Annotated[str, Meta(description="`cpu`, or `gpu` when layers are offloaded; `none` for echo.")]
+    parameters: Annotated[int, Meta(description="The model's real parameter count, read from llama.cpp.")]
+    provider: Annotated[
+        str, Meta(description="`local` (the model), `echo` (PROVIDER=echo) or `echo-fallback` (SMOLLM_FALLBACK).")
+    ]
+    quantization: Annotated[str, Meta(description="Weight type of the GGUF file, e.g. Q4_K_M.")]
+    n_ctx: Annotated[int, Meta(description="Context window in tokens (prompt + answer).")]
+    fallback_reason: Annotated[
+        str | None, Meta(description="Why the fallback answered instead of the model; null otherwise.")
+    ] = None
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Timings(msgspec.Struct, kw_only=True):
+    queue_ms: Annotated[float, Meta(description="Time spent waiting for the engine.")]
+    first_token_ms: Annotated[float | None, Meta(description="From arrival to the first answer text.")]
+    total_ms: Annotated[float, Meta(description="From arrival to the last token.")]
+    tokens_per_second: Annotated[float | None, Meta(description="Decode speed after the first token.")]
+
+
+FinishReasonField = Annotated[
+    Literal["stop", "length", "cancelled", "timeout"],
+    Meta(
+        description="`stop`: end of answer or a stop string; `length`: max_tokens reached; "
+        "`timeout`: SMOLLM_REQUEST_TIMEOUT_S ran out; `cancelled`: the client went away."
+    ),
+]
+
+
+class ChatResponse(msgspec.Struct, kw_only=True):
+    response: Annotated[str, Meta(description="The assistant's answer.")]
+    model_info: ModelInfo
+    usage: Usage
+    finish_reason: FinishReasonField
+    timings: Timings
+
+
+class GenerateResponse(msgspec.Struct, kw_only=True):
+    text: Annotated[str, Meta(description="The generated continuation of the prompt.")]
+    model_info: ModelInfo
+    usage: Usage
+    finish_reason: FinishReasonField
+    timings: Timings
+
+
+class StreamDone(msgspec.Struct, kw_only=True):
+    """Data of the final `done` event of a native stream."""
+
+    finish_reason: FinishReasonField
+    usage: Usage
+    model_info: ModelInfo
+    timings: Timings
+
+
+class Health(msgspec.Struct, kw_only=True, omit_defaults=True):
+    status: Annotated[
+        Literal["ok", "loading", "error", "disabled", "stopping"],
+        Meta(description="`ok` once the model is loaded and serving; anything else comes with HTTP 503."),
+    ]
+    detail: Annotated[str | None, Meta(description="Why the model is not serving, for an operator to read.")] = None
+
+
+class ErrorDetail(msgspec.Struct, kw_only=True, omit_defaults=True):
+    type: Annotated[str, Meta(description="Stable error code, e.g. invalid_request, context_length_exceeded.")]
+    message: Annotated[str, Meta(description="What went wrong and what to change, in words.")]
+    field: Annotated[str | None, Meta(description="The request field at fault, when there is one.")] = None
+    details: dict[str, Any] | None = None
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    error: ErrorDetail
+
+
+class Info(msgspec.Struct, kw_only=True):
+    state: Annotated[str, Meta(description="ok, loading, error, disabled or stopping (as on /health).")]
+    detail: str | None
+    provider: Annotated[str, Meta(description="PROVIDER: local or echo.")]
+    fallback: Annotated[str, Meta(description="SMOLLM_FALLBACK: none or echo.")]
+    model_path: Annotated[str, Meta(description="Resolved SMOLLM_MODEL_PATH.")]
+    model_name: str
+    architecture: str | None
+    parameters: Annotated[int | None, Meta(description="Real parameter count from llama.cpp; null until loaded.")]
+    file_size_bytes: int | None
+    quantization: str | None
+    n_ctx: int
+    n_ctx_train: Annotated[int | None, Meta(description="Context length the model was trained with.")]
+    n_threads: int
+    n_gpu_layers: int
+    device: str
+    has_chat_template: Annotated[bool | None, Meta(description="Whether the GGUF carries its own chat template.")]
+    chat_template_source: Annotated[str | None, Meta(description="`gguf`, or `fallback:chatml` when it has none.")]
+    vocab_size: int | None
+    llama_cpp_python_version: str | None
+    load_time_s: float | None
+    parallel: Annotated[int, Meta(description="SMOLLM_PARALLEL: sequences decoded together.")]
+    max_queue: Annotated[int, Meta(description="SMOLLM_MAX_QUEUE: requests allowed to wait.")]
+    max_tokens: Annotated[int, Meta(description="SMOLLM_MAX_TOKENS: server cap on max_tokens.")]
+    in_flight: Annotated[int, Meta(description="Requests running or waiting right now.")]

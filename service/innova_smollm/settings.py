@@ -1,0 +1,232 @@
+"""Service settings: read from the environment once, at the entry point, into one frozen object.
+
+Nothing else in the package reads ``os.environ``. Every variable is parsed and checked here, and a bad value stops
+start-up with a :class:`SettingsError` that names the variable, the value and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TypeVar
+
+from innova_smollm.errors import SettingsError
+
+#: The embedded default model, fetched by ``scripts/fetch_model.py`` into ``models/`` (relative to BACKEND_ROOT).
+DEFAULT_MODEL_PATH = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: Model backends chosen by the model file's suffix. llama.cpp is the only one today.
+BACKENDS_BY_SUFFIX = {".gguf": "llama.cpp"}
+
+
+class Provider(StrEnum):
+    LOCAL = "local"
+    ECHO = "echo"
+
+
+class Fallback(StrEnum):
+    NONE = "none"
+    ECHO = "echo"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    enabled: bool = True
+    provider: Provider = Provider.LOCAL
+    model_path: Path = Path(DEFAULT_MODEL_PATH)
+    backend: str = "llama.cpp"
+    n_ctx: int = 4096
+    n_threads: int = 1
+    n_gpu_layers: int = 0
+    max_tokens: int = 1024
+    max_queue: int = 8
+    #: How many requests decode together in one llama.cpp batch. 1 serves requests strictly one after another.
+    parallel: int = 1
+    request_timeout_s: float = 300.0
+    fallback: Fallback = Fallback.NONE
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    allow_insecure_listen: bool = False
+    #: Largest accepted request body; past it the answer is 413.
+    max_body_bytes: int = 1_048_576
+    max_messages: int = 512
+    max_stop_sequences: int = 16
+    #: Logging prompt and answer text is off unless an operator asks for it.
+    log_content: bool = False
+    log_level: str = "INFO"
+    #: How long a SIGTERM waits for running requests before the process exits.
+    drain_timeout_s: float = 30.0
+
+    @property
+    def model_name(self) -> str:
+        return self.model_path.stem
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = _Env(os.environ if environ is None else environ)
+        backend_root = Path(env.text("BACKEND_ROOT", str(Path.cwd())))
+        model_path = _resolve_model_path(env.text("SMOLLM_MODEL_PATH", DEFAULT_MODEL_PATH), backend_root)
+        backend = BACKENDS_BY_SUFFIX.get(model_path.suffix.lower())
+        if backend is None:
+            known = ", ".join(f"{suffix} ({name})" for suffix, name in BACKENDS_BY_SUFFIX.items())
+            raise SettingsError(
+                f"SMOLLM_MODEL_PATH={str(model_path)!r}: no model backend for the suffix "
+                f"{model_path.suffix or '(none)'!r}; known backends by suffix: {known}"
+            )
+        settings = cls(
+            enabled=env.boolean("ENABLE_SMOLLM", True),
+            provider=env.choice("PROVIDER", Provider, Provider.LOCAL),
+            model_path=model_path,
+            backend=backend,
+            n_ctx=env.integer("SMOLLM_N_CTX", 4096, minimum=64),
+            n_threads=env.integer("SMOLLM_N_THREADS", _usable_cpu_count(), minimum=1),
+            n_gpu_layers=env.integer("SMOLLM_N_GPU_LAYERS", 0, minimum=-1),
+            max_tokens=env.integer("SMOLLM_MAX_TOKENS", 1024, minimum=1),
+            max_queue=env.integer("SMOLLM_MAX_QUEUE", 8, minimum=0),
+            parallel=env.integer("SMOLLM_PARALLEL", 1, minimum=1, maximum=64),
+            request_timeout_s=env.number("SMOLLM_REQUEST_TIMEOUT_S", 300.0, minimum=0.1),
+            fallback=env.choice("SMOLLM_FALLBACK", Fallback, Fallback.NONE),
+            host=env.host("HOST", "127.0.0.1"),
+            port=env.integer("PORT", 8000, minimum=1, maximum=65535),
+            api_keys=env.keys("SMOLLM_API_KEYS"),
+            allow_insecure_listen=env.boolean("SMOLLM_ALLOW_INSECURE_LISTEN", False),
+            max_body_bytes=env.integer("SMOLLM_MAX_BODY_BYTES", 1_048_576, minimum=1024),
+            max_messages=env.integer("SMOLLM_MAX_MESSAGES", 512, minimum=1),
+            max_stop_sequences=env.integer("SMOLLM_MAX_STOP", 16, minimum=0),
+            log_content=env.boolean("SMOLLM_LOG_CONTENT", False),
+            log_level=env.choice_text("SMOLLM_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
+            drain_timeout_s=env.number("SMOLLM_DRAIN_TIMEOUT_S", 30.0, minimum=0.0),
+        )
+        settings.check_listen_address()
+        return settings
+
+    def check_listen_address(self) -> None:
+        """Refuse to expose the model beyond this machine without API keys, unless explicitly allowed."""
+        if self.api_keys or self.allow_insecure_listen or _is_loopback(self.host):
+            return
+        raise SettingsError(
+            f"HOST={self.host!r} listens beyond loopback but SMOLLM_API_KEYS is empty: set SMOLLM_API_KEYS, "
+            "or set SMOLLM_ALLOW_INSECURE_LISTEN=true if something in front of the service authenticates callers"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _usable_cpu_count() -> int:
+    # The CPUs this process may run on (cgroup/affinity aware), not the machine's total.
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _resolve_model_path(raw: str, backend_root: Path) -> Path:
+    path = Path(raw).expanduser()
+    return path if path.is_absolute() else (backend_root / path)
+
+
+_E = TypeVar("_E", bound=StrEnum)
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class _Env:
+    """Typed, checked access to environment variables; every error names the variable."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def _raw(self, name: str) -> str | None:
+        value = self._environ.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def text(self, name: str, default: str) -> str:
+        return self._raw(name) or default
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise SettingsError(f"{name}={raw!r} is not a boolean; use true or false")
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is not an integer") from None
+        _check_range(name, value, minimum, maximum)
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is not a number") from None
+        if not value >= minimum or value == float("inf"):
+            raise SettingsError(f"{name}={raw!r} must be a finite number >= {minimum}")
+        return value
+
+    def choice(self, name: str, enum: type[_E], default: _E) -> _E:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            return enum(raw.lower())
+        except ValueError:
+            allowed = " | ".join(member.value for member in enum)
+            raise SettingsError(f"{name}={raw!r} is not one of: {allowed}") from None
+
+    def choice_text(self, name: str, allowed: tuple[str, ...], default: str) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.upper() not in allowed:
+            raise SettingsError(f"{name}={raw!r} is not one of: {' | '.join(allowed)}")
+        return raw.upper()
+
+    def host(self, name: str, default: str) -> str:
+        raw = self._raw(name) or default
+        if any(char.isspace() for char in raw) or "/" in raw:
+            raise SettingsError(f"{name}={raw!r} is not a host name or IP address")
+        return raw
+
+    def keys(self, name: str) -> tuple[str, ...]:
+        raw = self._raw(name)
+        if raw is None:
+            return ()
+        keys = tuple(key.strip() for key in raw.split(",") if key.strip())
+        if any(len(key) < 16 for key in keys):
+            # Never echo a key back: the message names the variable only.
+            raise SettingsError(f"{name}: every key must be at least 16 characters long")
+        return keys
+
+
+def _check_range(name: str, value: int, minimum: int, maximum: int | None) -> None:
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = f" and <= {maximum}" if maximum is not None else ""
+        raise SettingsError(f"{name}={value} must be >= {minimum}{upper}")
