@@ -35,6 +35,7 @@ from typing import Any, Final, Self
 
 import requests
 import tenacity
+import urllib3
 
 from innova_smollm import __version__
 
@@ -465,8 +466,8 @@ class TextStream(Iterator[str]):
                     )
                 # Other events (a future "ping") are not ours to interpret.
             raise StreamError("the stream ended without a done event", status_code=200)
-        except requests.exceptions.RequestException as exc:
-            # Mid-stream read timeouts surface from urllib3 as ConnectionError; either way the answer is lost.
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            # A broken connection, a truncated body, or the read timeout between two chunks: the answer is lost.
             raise StreamError(f"the stream broke after {len(self._parts)} chunks: {_reason(exc)}") from exc
         finally:
             self._response.close()
@@ -571,22 +572,34 @@ def _completion(body: Mapping[str, Any], *, text_key: str) -> Completion:
         raise UnexpectedResponseError(f"an answer without the expected fields ({exc!r}): {dict(body)!r:.300}") from None
 
 
+def _arrivals(response: requests.Response) -> Iterator[bytes]:
+    """Body bytes as they arrive.
+
+    ``iter_content(n)`` waits for n bytes when the body is not chunked (a proxy may de-chunk it), and
+    ``iter_content(None)`` then waits for the end; ``read1`` returns whatever one read of the socket brings.
+    """
+    while data := response.raw.read1(65536):
+        yield data
+
+
 def _sse_events(response: requests.Response) -> Iterator[tuple[str, dict[str, Any]]]:
     """(event, data) of an SSE body, as each event completes. Bytes are decoded as UTF-8 whatever the headers say."""
     event, data_lines = "message", list[str]()
-    # chunk_size=None hands over each chunk as it arrives, instead of waiting for a fixed number of bytes.
-    for raw in response.iter_lines(chunk_size=None):
-        line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        if not line:
-            if data_lines:
-                yield event, _event_data("\n".join(data_lines))
-            event, data_lines = "message", list[str]()
-        elif line.startswith(":"):
-            continue
-        elif line.startswith("event:"):
-            event = line[len("event:") :].strip()
-        elif line.startswith("data:"):
-            data_lines.append(line[len("data:") :].removeprefix(" "))
+    pending = b""
+    for data in _arrivals(response):
+        *lines, pending = (pending + data).split(b"\n")
+        for raw in lines:
+            line = raw.removesuffix(b"\r").decode("utf-8")
+            if not line:
+                if data_lines:
+                    yield event, _event_data("\n".join(data_lines))
+                event, data_lines = "message", []
+            elif line.startswith(":"):
+                continue
+            elif line.startswith("event:"):
+                event = line[len("event:") :].strip()
+            elif line.startswith("data:"):
+                data_lines.append(line[len("data:") :].removeprefix(" "))
     if data_lines:
         yield event, _event_data("\n".join(data_lines))
 
