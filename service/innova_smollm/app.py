@@ -18,10 +18,16 @@ from litestar import Litestar
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
+from litestar.openapi.spec import Components, Reference, SecurityScheme
 
 from innova_smollm import __version__
+from innova_smollm.auth import api_key_guard
 from innova_smollm.generation import Engine
 from innova_smollm.http_errors import EXCEPTION_HANDLERS
+from innova_smollm.metrics import Metrics
+from innova_smollm.requestlog import RequestLog
+from innova_smollm.routes import openai
+from innova_smollm.routes.metrics import metrics_endpoint
 from innova_smollm.routes.smollm import ChatlayaController, SmolLMController
 from innova_smollm.service import EngineLoader, SmolLMService, State
 from innova_smollm.settings import Settings
@@ -36,7 +42,9 @@ def _default_loader(settings: Settings) -> Engine:
 
 
 def create_app(settings: Settings, engine: Engine | None = None, *, loader: EngineLoader | None = None) -> Litestar:
-    service = SmolLMService(settings, engine=engine, loader=loader or _default_loader)
+    metrics = Metrics()
+    service = SmolLMService(settings, engine=engine, loader=loader or _default_loader, observer=metrics)
+    metrics.track(service)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -52,23 +60,41 @@ def create_app(settings: Settings, engine: Engine | None = None, *, loader: Engi
     def provide_service() -> SmolLMService:
         return service
 
-    return Litestar(
-        route_handlers=[SmolLMController, ChatlayaController],
-        dependencies={"service": Provide(provide_service, sync_to_thread=False)},
+    def provide_metrics() -> Metrics:
+        return metrics
+
+    bearer: dict[str, SecurityScheme | Reference] = {
+        "bearer": SecurityScheme(type="http", scheme="bearer", description="One of SMOLLM_API_KEYS.")
+    }
+    app = Litestar(
+        route_handlers=[SmolLMController, ChatlayaController, openai.router, metrics_endpoint],
+        dependencies={
+            "service": Provide(provide_service, sync_to_thread=False),
+            "metrics": Provide(provide_metrics, sync_to_thread=False),
+        },
+        guards=[api_key_guard(settings.api_keys)] if settings.api_keys else [],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="innova-smollm",
             version=__version__,
-            description="A local GGUF chat model for the KORYXA backend. Errors answer "
-            '`{"error": {"type", "message", "field"?}}`; 503s carry `Retry-After`.',
+            description="A local GGUF chat model for the KORYXA backend. Native errors answer "
+            '`{"error": {"type", "message", "field"?}}`; `/v1` is OpenAI-compatible and answers errors in OpenAI\'s '
+            "shape. 503s carry `Retry-After`. With SMOLLM_API_KEYS set, every route but health needs "
+            "`Authorization: Bearer <key>`.",
             path="/schema",
             render_plugins=[ScalarRenderPlugin()],
+            components=Components(security_schemes=bearer if settings.api_keys else None),
+            security=[{"bearer": []}] if settings.api_keys else None,
         ),
         logging_config=None,  # logs.configure_logging owns the root logger (JSON lines)
         debug=False,
     )
+    # Around Litestar's whole handler (routing and exception handling included), so that every request, even a 404
+    # or a 401, gets its log line, its X-Request-ID and its count; route middleware would miss unmatched paths.
+    app.asgi_handler = RequestLog(app.asgi_handler, log_content=settings.log_content, on_finish=metrics.on_request)
+    return app
 
 
 async def _drain(service: SmolLMService, timeout_s: float) -> None:

@@ -29,6 +29,7 @@ from innova_smollm.errors import (
     RequestTimeoutError,
     SmolLMError,
 )
+from innova_smollm.requestlog import note
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ def error_body(
     if details:
         error["details"] = dict(details)
     return {"error": error}
+
+
+def type_of_status(status: int) -> str:
+    return _TYPES_BY_STATUS.get(status, "http_error" if status < 500 else "server_error")
 
 
 def status_of(exc: SmolLMError) -> int:
@@ -102,6 +107,7 @@ def describe_validation(exc: ValidationException) -> tuple[str, str | None]:
 
 
 def _smollm_error(request: Request[Any, Any, Any], exc: SmolLMError) -> Response[Any]:
+    note(request.scope, error_type=exc.type)
     field = exc.field if isinstance(exc, InvalidRequestError) else None
     details = {k: v for k, v in exc.details.items() if v is not None} or None
     if status_of(exc) >= 500 and not isinstance(exc, NotReadyError | QueueFullError | RequestTimeoutError):
@@ -115,6 +121,7 @@ def _smollm_error(request: Request[Any, Any, Any], exc: SmolLMError) -> Response
 
 
 def _validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+    note(request.scope, error_type="invalid_request")
     message, field = describe_validation(exc)
     return Response(
         error_body("invalid_request", message, field=field), status_code=HTTP_400_BAD_REQUEST, media_type=MediaType.JSON
@@ -123,7 +130,8 @@ def _validation_error(request: Request[Any, Any, Any], exc: ValidationException)
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     status = exc.status_code
-    type_ = _TYPES_BY_STATUS.get(status, "http_error" if status < 500 else "server_error")
+    type_ = type_of_status(status)
+    note(request.scope, error_type=type_)
     message = str(exc.detail) if exc.detail else type_.replace("_", " ")
     headers = dict(exc.headers or {})
     return Response(error_body(type_, message), status_code=status, headers=headers, media_type=MediaType.JSON)
@@ -131,6 +139,7 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
 
 def _unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("unhandled error on %s %s", request.method, request.url.path, extra={"event": "unhandled_error"})
+    note(request.scope, error_type="server_error")
     return Response(
         error_body("server_error", "the server hit an unexpected error; it is logged, and the request can be retried"),
         status_code=HTTP_500_INTERNAL_SERVER_ERROR,

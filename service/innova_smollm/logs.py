@@ -6,6 +6,7 @@ Prompt and answer text is never logged unless SMOLLM_LOG_CONTENT=true.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
@@ -14,6 +15,9 @@ from typing import Any
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is ours to emit.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+#: The id of the HTTP request being served (set by requestlog.RequestLog), added to every line logged meanwhile.
+current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,6 +28,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        request_id = current_request_id.get()
+        if request_id is not None:
+            entry["request_id"] = request_id
         entry.update({key: value for key, value in record.__dict__.items() if key not in _STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)

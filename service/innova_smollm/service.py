@@ -17,6 +17,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Protocol
 
 from innova_smollm.errors import (
     ContextLengthExceededError,
@@ -96,6 +97,26 @@ class Outcome:
         return (self.completion_tokens - 1) / decode_s if decode_s > 0 else None
 
 
+class Observer(Protocol):
+    """Hears how requests end, e.g. to export metrics. Called on the event loop or a worker thread: return quickly."""
+
+    def on_outcome(self, outcome: Outcome) -> None:
+        """A request produced its answer (model, echo or fallback)."""
+        ...
+
+    def on_cancelled(self) -> None:
+        """A running request's caller went away before its answer was complete."""
+        ...
+
+
+class _NoObserver:
+    def on_outcome(self, outcome: Outcome) -> None:
+        pass
+
+    def on_cancelled(self) -> None:
+        pass
+
+
 class Ticket:
     """A place in the engine's line; releasing it twice is harmless."""
 
@@ -141,8 +162,15 @@ class _Collector:
 
 
 class SmolLMService:
-    def __init__(self, settings: Settings, engine: Engine | None = None, loader: EngineLoader | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine | None = None,
+        loader: EngineLoader | None = None,
+        observer: Observer | None = None,
+    ) -> None:
         self.settings = settings
+        self._observer: Observer = observer or _NoObserver()
         self._engine = engine
         # An engine handed in belongs to the caller, who may share it; one we load is ours to close.
         self._owns_engine = engine is None
@@ -386,12 +414,14 @@ class SmolLMService:
 
     async def _stream(self, prepared: Prepared, ticket: Ticket) -> AsyncIterator[str | Outcome]:
         sink: AsyncSink | None = None
+        answered = False
         try:
             if prepared.job is None:
                 collector = _Collector(prepared)
                 collector.on_text(prepared.echo_text)
                 yield prepared.echo_text
-                yield collector.outcome(FinishReason.STOP, len(prepared.echo_text.split()))
+                answered = True
+                yield self._observed(collector.outcome(FinishReason.STOP, len(prepared.echo_text.split())))
                 return
             sink = AsyncSink(asyncio.get_running_loop())
             assert self._engine is not None
@@ -405,8 +435,14 @@ class SmolLMService:
                 elif isinstance(result, Outcome):
                     if result.source is Source.ECHO_FALLBACK:
                         yield result.text
+                    answered = True
                     yield result
                     return
+        except (GeneratorExit, asyncio.CancelledError):
+            # Closed or cancelled before the outcome was handed over: the client went away mid-request.
+            if not answered:
+                self._observer.on_cancelled()
+            raise
         finally:
             if sink is not None:
                 sink.cancel()
@@ -429,7 +465,7 @@ class SmolLMService:
             collector = _Collector(prepared)
             if prepared.job is None:
                 collector.on_text(prepared.echo_text)
-                return collector.outcome(FinishReason.STOP, len(prepared.echo_text.split()))
+                return self._observed(collector.outcome(FinishReason.STOP, len(prepared.echo_text.split())))
             assert self._engine is not None
             self._engine.submit(prepared.job, sink)
             while True:
@@ -457,7 +493,7 @@ class SmolLMService:
         if isinstance(event, Finished):
             outcome = collector.outcome(event.reason, event.completion_tokens)
             self._observe_duration(outcome.total_s)
-            return outcome
+            return self._observed(outcome)
         assert isinstance(event, Failed)
         return self._on_failure(event.error, collector, prepared)
 
@@ -477,8 +513,12 @@ class SmolLMService:
             )
             echo = _Collector(fallback)
             echo.on_text(prepared.echo_text)
-            return echo.outcome(FinishReason.STOP, len(prepared.echo_text.split()))
+            return self._observed(echo.outcome(FinishReason.STOP, len(prepared.echo_text.split())))
         raise GenerationError(message)
+
+    def _observed(self, outcome: Outcome) -> Outcome:
+        self._observer.on_outcome(outcome)
+        return outcome
 
 
 def _last_user_text(messages: Sequence[ChatMessage]) -> str:

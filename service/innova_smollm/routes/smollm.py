@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
-from litestar.params import JSONBody
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import JSONBody
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
+from litestar.types import Scope
 
 from innova_smollm.answers import model_info_of, service_info, timings_of, usage_of
+from innova_smollm.auth import PUBLIC
 from innova_smollm.disconnect import unless_disconnected
 from innova_smollm.errors import SmolLMError
 from innova_smollm.generation import ChatMessage
 from innova_smollm.http_errors import error_body
+from innova_smollm.requestlog import note, note_outcome
 from innova_smollm.schemas import (
     ChatRequest,
     ChatResponse,
@@ -67,14 +71,19 @@ async def collect(stream: AsyncIterator[str | Outcome]) -> Outcome:
     raise RuntimeError("the answer stream ended without an outcome")  # pragma: no cover - service invariant
 
 
-async def native_events(service: SmolLMService, stream: AsyncIterator[str | Outcome]) -> AsyncIterator[bytes]:
+async def native_events(
+    service: SmolLMService, stream: AsyncIterator[str | Outcome], scope: Scope
+) -> AsyncIterator[bytes]:
     """``token`` events with text chunks, then one ``done`` event; an ``error`` event if generation fails."""
+    finished = False
     try:
         async for item in stream:
             if isinstance(item, str):
                 if item:
                     yield frame("token", {"text": item})
             else:
+                finished = True
+                note_outcome(scope, item)
                 done = StreamDone(
                     finish_reason=item.finish_reason.value,
                     usage=usage_of(item),
@@ -84,12 +93,18 @@ async def native_events(service: SmolLMService, stream: AsyncIterator[str | Outc
                 yield frame("done", done)
     except SmolLMError as exc:
         # Headers (200) are already sent; the error travels as the stream's last event.
+        note(scope, error_type=exc.type)
         yield frame("error", error_body(exc.type, exc.message))
+    except (GeneratorExit, asyncio.CancelledError):
+        if not finished:
+            note(scope, finish_reason="cancelled")
+        raise
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
 
 
-async def prepare_chat(service: SmolLMService, data: ChatRequest) -> Prepared:
+async def prepare_chat(request: Request[Any, Any, Any], service: SmolLMService, data: ChatRequest) -> Prepared:
+    note(request.scope, messages=[{"role": m.role, "content": m.content} for m in data.messages])
     # Rendering the template and tokenizing a long conversation is CPU work: keep it off the event loop.
     return await anyio.to_thread.run_sync(service.prepare_chat, messages_from(data), options_from(data))
 
@@ -99,10 +114,12 @@ async def answer(
 ) -> Outcome | Response[Any]:
     stream = service.open_stream(prepared)
     if stream_requested:
-        return sse_response(native_events(service, stream))
+        return sse_response(native_events(service, stream, request.scope))
     outcome = await unless_disconnected(request.receive, lambda: collect(stream))
     if outcome is None:
+        note(request.scope, finish_reason="cancelled")
         return Response(error_body("cancelled", "the client disconnected"), status_code=CLIENT_CLOSED_REQUEST)
+    note_outcome(request.scope, outcome)
     return outcome
 
 
@@ -121,7 +138,7 @@ class SmolLMController(Controller):
     async def chat(
         self, request: Request[Any, Any, Any], data: JSONBody[ChatRequest], service: NamedDependency[SmolLMService]
     ) -> ChatResponse | Response[Any]:
-        prepared = await prepare_chat(service, data)
+        prepared = await prepare_chat(request, service, data)
         result = await answer(request, service, prepared, data.stream)
         if not isinstance(result, Outcome):
             return result
@@ -143,6 +160,7 @@ class SmolLMController(Controller):
     async def generate(
         self, request: Request[Any, Any, Any], data: JSONBody[GenerateRequest], service: NamedDependency[SmolLMService]
     ) -> GenerateResponse | Response[Any]:
+        note(request.scope, prompt=data.prompt)
         prepared = await anyio.to_thread.run_sync(service.prepare_generate, data.prompt, options_from(data))
         result = await answer(request, service, prepared, data.stream)
         if not isinstance(result, Outcome):
@@ -159,11 +177,11 @@ class SmolLMController(Controller):
     def info(self, service: NamedDependency[SmolLMService]) -> Info:
         return service_info(service)
 
-    @get("/health", summary="Readiness: 200 once the model serves, 503 otherwise", sync_to_thread=False)
+    @get("/health", summary="Readiness: 200 once the model serves, 503 otherwise", sync_to_thread=False, opt=PUBLIC)
     def health_get(self, service: NamedDependency[SmolLMService]) -> Response[Health]:
         return health_response(service)
 
-    @post("/health", summary="Readiness (POST form, as in the original backend)", sync_to_thread=False)
+    @post("/health", summary="Readiness (POST form, as in the original backend)", sync_to_thread=False, opt=PUBLIC)
     def health_post(self, service: NamedDependency[SmolLMService]) -> Response[Health]:
         return health_response(service)
 
@@ -183,7 +201,7 @@ class ChatlayaController(Controller):
     async def message(
         self, request: Request[Any, Any, Any], data: JSONBody[ChatRequest], service: NamedDependency[SmolLMService]
     ) -> Response[Any]:
-        prepared = await prepare_chat(service, data)
+        prepared = await prepare_chat(request, service, data)
         result = await answer(request, service, prepared, stream_requested=True)
         assert isinstance(result, Response)
         return result
