@@ -187,9 +187,10 @@ class Checker:
         result.probe_ms = round(probe_ms, 1)
         result.model = answer.model_info.get("model_name") or result.model
         queue_ms = float(answer.timings.get("queue_ms") or 0.0)
+        tokens = answer.usage.completion_tokens
         summary = (
             f"model {result.model} ready ({result.health_ms:.0f} ms), deep probe answered "
-            f"{answer.usage.completion_tokens} token in {probe_ms:.0f} ms"
+            f"{tokens} token{'s' if tokens != 1 else ''} in {probe_ms:.0f} ms"
         )
         if probe_ms <= cfg.deadline_s * 1000:
             result.message = summary
