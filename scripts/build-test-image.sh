@@ -3,8 +3,8 @@
 #
 # No container registry is reachable here, so the image is made from scratch: debootstrap a minimal
 # bookworm root file system, then `podman import` it as localhost/innova-debian12-systemd:<tag>.
-# The tag is a hash of this script, so editing the package list below gives a new image and an
-# unchanged script reuses the one already built (a few ms instead of ~1 min).
+# The tag is a hash of the package list and image_rev, so changing either gives a new image, and otherwise the
+# image already built is reused (a few ms instead of ~3 min).
 #
 # Usage: scripts/build-test-image.sh            # prints the image name on stdout (last line)
 #        INNOVA_TEST_IMAGE_FORCE=1 scripts/build-test-image.sh   # rebuild even if present
@@ -27,9 +27,11 @@ packages=(
   procps iproute2                           # ps, ss while debugging a failed scenario
 )
 include="$(IFS=,; echo "${packages[*]}")"
+# Bump when the customisation below changes.
+image_rev=1
 
 name="localhost/innova-debian12-systemd"
-tag="$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-12)"
+tag="$(echo "$include $image_rev" | sha256sum | cut -c1-12)"
 image="$name:$tag"
 
 if [[ -z "${INNOVA_TEST_IMAGE_FORCE:-}" ]] && podman image exists "$image"; then

@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Lint the provisioning code: ansible-lint with the production profile (no skipped rules), a syntax check of
 # the site playbook, and a check that every role default is declared in meta/argument_specs.yml and back.
-# Usage: scripts/lint-ansible.sh        (needs ansible-lint in the repo venv; scripts/molecule.sh installs it)
+# Usage: scripts/lint-ansible.sh        (installs ansible + ansible-lint into the repo venv when missing)
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
-export PATH="$repo_root/.venv/bin:$PATH"
+venv="${INNOVA_VENV:-$repo_root/.venv}"
+[[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+if [[ ! -x "$venv/bin/ansible-lint" || ! -x "$venv/bin/ansible-playbook" ]]; then
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check ansible ansible-lint
+fi
+export PATH="$venv/bin:$PATH"
 export ANSIBLE_CONFIG="$repo_root/ansible.cfg"
 
 ansible-playbook --syntax-check -i inventories/production playbooks/site.yml >/dev/null
 ansible-playbook --syntax-check -i inventories/staging playbooks/site.yml >/dev/null
 
-python3 - <<'PY'
+"$venv/bin/python" - <<'PY'
 import pathlib, sys
 import yaml
 bad = []
