@@ -7,10 +7,10 @@ channel and cancels the work when the client disconnects, so its generation stop
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
-
-import anyio
 
 T = TypeVar("T")
 
@@ -24,16 +24,18 @@ async def _wait_for_disconnect(receive: Receive) -> None:
             return
 
 
-async def unless_disconnected(receive: Receive, work: Callable[[], Awaitable[T]]) -> T | None:
-    """The work's result, or None when the client disconnected first (the work is then cancelled)."""
-    result: list[T] = []
-    async with anyio.create_task_group() as group:
-
-        async def watch() -> None:
-            await _wait_for_disconnect(receive)
-            group.cancel_scope.cancel()
-
-        group.start_soon(watch)
-        result.append(await work())
-        group.cancel_scope.cancel()
-    return result[0] if result else None
+async def unless_disconnected(receive: Receive, work: Callable[[], Coroutine[Any, Any, T]]) -> T | None:
+    """The work's result (or its exception, as is), or None when the client disconnected first."""
+    work_task = asyncio.ensure_future(work())
+    watch_task = asyncio.ensure_future(_wait_for_disconnect(receive))
+    try:
+        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+        if work_task.done():
+            return work_task.result()
+        return None
+    finally:
+        for task in (watch_task, work_task):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task

@@ -57,6 +57,13 @@ class GenerationJob:
     job_id: int = field(default_factory=lambda: next(_job_ids))
 
 
+@dataclass(frozen=True)
+class JobFinish:
+    job_id: int
+    reason: FinishReason
+    completion_tokens: int
+
+
 class TokenSink(Protocol):
     """Receives one job's output. Every method is called from the engine thread, so each must return quickly."""
 

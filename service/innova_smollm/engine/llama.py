@@ -22,7 +22,7 @@ import llama_cpp
 from llama_cpp import llama_chat_format
 
 from innova_smollm.errors import GenerationError, ModelLoadError, NotReadyError, RequestTimeoutError
-from innova_smollm.generation import ChatMessage, FinishReason, GenerationJob, ModelMetadata, TokenSink
+from innova_smollm.generation import ChatMessage, FinishReason, GenerationJob, JobFinish, ModelMetadata, TokenSink
 from innova_smollm.settings import Settings
 from innova_smollm.textstream import TextAssembler
 
@@ -90,6 +90,8 @@ class LlamaEngine:
         self._timeout_s = settings.request_timeout_s
         self._jobs: queue.SimpleQueue[tuple[GenerationJob, TokenSink] | None] = queue.SimpleQueue()
         self._closed = False
+        #: How the latest job ended, even when nobody was listening any more (diagnostics and tests).
+        self.last_finish: JobFinish | None = None
         self._worker = threading.Thread(target=self._serve, name="llama-engine", daemon=True)
         self._worker.start()
 
@@ -188,6 +190,7 @@ class LlamaEngine:
         tail = assembler.flush()
         if tail:
             sink.text(tail)
+        self.last_finish = JobFinish(job.job_id, reason, produced)
         sink.finished(reason, produced)
 
     # --- description ----------------------------------------------------------------------------------------
