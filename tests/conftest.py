@@ -135,8 +135,11 @@ class ServiceProcess:
     url: str
 
     def output(self) -> str:
+        """Everything the process printed; stops it first."""
         self.stop()
         assert self.process.stdout is not None
+        if self.process.stdout.closed:
+            return ""
         return self.process.stdout.read()
 
     def stop(self) -> None:
@@ -176,6 +179,8 @@ def run_service(env: Mapping[str, str], *, wait_for_port: bool = True) -> Iterat
         yield service
     finally:
         service.stop()
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 def _port_open(port: int) -> bool:

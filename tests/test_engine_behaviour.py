@@ -29,7 +29,9 @@ class OpenStream:
     """A streamed answer read a few events at a time; it stays connected until closed."""
 
     def __init__(self, server: LiveServer, body: dict[str, object]) -> None:
-        self.reply = requests.post(f"{server.url}{API}/generate", json={**body, "stream": True}, stream=True, timeout=60)
+        self.reply = requests.post(
+            f"{server.url}{API}/generate", json={**body, "stream": True}, stream=True, timeout=60
+        )
         assert self.reply.status_code == 200, self.reply.text
         # One iterator for the whole life of the stream: a dropped iterator closes the connection.
         self._lines = self.reply.iter_lines(decode_unicode=True)

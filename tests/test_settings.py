@@ -1,0 +1,104 @@
+"""Settings from the environment: defaults, parsing, and errors that name the variable (pure logic)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from innova_smollm.errors import SettingsError
+from innova_smollm.settings import DEFAULT_MODEL_PATH, Fallback, Provider, Settings
+
+
+def test_defaults_follow_the_contract(tmp_path: Path) -> None:
+    settings = Settings.from_env({"BACKEND_ROOT": str(tmp_path)})
+    assert settings.enabled is True
+    assert settings.provider is Provider.LOCAL
+    assert settings.model_path == tmp_path / DEFAULT_MODEL_PATH
+    assert settings.backend == "llama.cpp"
+    assert (settings.n_ctx, settings.max_tokens, settings.max_queue, settings.n_gpu_layers) == (4096, 1024, 8, 0)
+    assert settings.n_threads >= 1
+    assert settings.fallback is Fallback.NONE
+    assert (settings.host, settings.port) == ("127.0.0.1", 8000)
+    assert settings.log_content is False
+
+
+def test_every_variable_is_read(tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        {
+            "ENABLE_SMOLLM": "false",
+            "PROVIDER": "ECHO",
+            "SMOLLM_MODEL_PATH": "/opt/innovaplus/models/current.gguf",
+            "SMOLLM_N_CTX": "2048",
+            "SMOLLM_N_THREADS": "3",
+            "SMOLLM_N_GPU_LAYERS": "-1",
+            "SMOLLM_MAX_TOKENS": "256",
+            "SMOLLM_MAX_QUEUE": "0",
+            "SMOLLM_PARALLEL": "4",
+            "SMOLLM_REQUEST_TIMEOUT_S": "12.5",
+            "SMOLLM_FALLBACK": "echo",
+            "HOST": "::1",
+            "PORT": "18080",
+            "SMOLLM_API_KEYS": "0123456789abcdef, fedcba9876543210",
+            "SMOLLM_LOG_CONTENT": "yes",
+        }
+    )
+    assert settings.enabled is False
+    assert settings.provider is Provider.ECHO
+    assert settings.model_path == Path("/opt/innovaplus/models/current.gguf")
+    assert (settings.n_ctx, settings.n_threads, settings.n_gpu_layers) == (2048, 3, -1)
+    assert (settings.max_tokens, settings.max_queue, settings.parallel) == (256, 0, 4)
+    assert settings.request_timeout_s == 12.5
+    assert settings.fallback is Fallback.ECHO
+    assert (settings.host, settings.port) == ("::1", 18080)
+    assert settings.api_keys == ("0123456789abcdef", "fedcba9876543210")
+    assert settings.log_content is True
+
+
+def test_relative_model_paths_resolve_from_the_backend_root(tmp_path: Path) -> None:
+    settings = Settings.from_env({"BACKEND_ROOT": str(tmp_path), "SMOLLM_MODEL_PATH": "models/x.gguf"})
+    assert settings.model_path == tmp_path / "models" / "x.gguf"
+    assert settings.model_name == "x"
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"ENABLE_SMOLLM": "maybe"}, ["ENABLE_SMOLLM", "maybe"]),
+        ({"PROVIDER": "openai"}, ["PROVIDER", "local | echo"]),
+        ({"SMOLLM_N_CTX": "big"}, ["SMOLLM_N_CTX", "not an integer"]),
+        ({"SMOLLM_N_CTX": "8"}, ["SMOLLM_N_CTX", ">= 64"]),
+        ({"SMOLLM_MAX_QUEUE": "-1"}, ["SMOLLM_MAX_QUEUE"]),
+        ({"SMOLLM_REQUEST_TIMEOUT_S": "inf"}, ["SMOLLM_REQUEST_TIMEOUT_S"]),
+        ({"SMOLLM_REQUEST_TIMEOUT_S": "nan"}, ["SMOLLM_REQUEST_TIMEOUT_S"]),
+        ({"SMOLLM_FALLBACK": "retry"}, ["SMOLLM_FALLBACK", "none | echo"]),
+        ({"PORT": "70000"}, ["PORT", "65535"]),
+        ({"HOST": "a b"}, ["HOST"]),
+        ({"SMOLLM_API_KEYS": "short"}, ["SMOLLM_API_KEYS", "16 characters"]),
+        ({"SMOLLM_MODEL_PATH": "models/model.bin"}, ["SMOLLM_MODEL_PATH", ".bin", ".gguf (llama.cpp)"]),
+        ({"SMOLLM_MODEL_PATH": "models/model"}, ["SMOLLM_MODEL_PATH", "(none)"]),
+    ],
+)
+def test_bad_values_stop_start_up_naming_the_variable(env: dict[str, str], names: list[str]) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(env)
+    for name in names:
+        assert name in caught.value.message
+
+
+def test_a_key_never_appears_in_its_error() -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({"SMOLLM_API_KEYS": "0123456789abcdef,tiny-secret"})
+    assert "tiny-secret" not in caught.value.message
+
+
+def test_listening_beyond_loopback_needs_keys_or_an_explicit_opt_in() -> None:
+    with pytest.raises(SettingsError, match="SMOLLM_API_KEYS"):
+        Settings.from_env({"HOST": "0.0.0.0"})
+    assert Settings.from_env({"HOST": "0.0.0.0", "SMOLLM_API_KEYS": "0123456789abcdef"}).host == "0.0.0.0"
+    assert Settings.from_env({"HOST": "0.0.0.0", "SMOLLM_ALLOW_INSECURE_LISTEN": "true"}).allow_insecure_listen
+    assert Settings.from_env({"HOST": "localhost"}).host == "localhost"
+
+
+def test_keys_are_not_shown_in_the_settings_repr() -> None:
+    assert "0123456789abcdef" not in repr(Settings.from_env({"SMOLLM_API_KEYS": "0123456789abcdef"}))
