@@ -74,9 +74,7 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def serve_in_thread(
-    settings: Settings, engine: Any = None, loader: EngineLoader | None = None
-) -> Iterator[LiveServer]:
+def serve_in_thread(settings: Settings, engine: Any = None, loader: EngineLoader | None = None) -> Iterator[LiveServer]:
     """A real uvicorn server on a free loopback port, running the app in a background thread."""
     port = free_port()
     settings = dataclasses.replace(settings, port=port)
