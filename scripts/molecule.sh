@@ -82,7 +82,7 @@ for _ in $(seq 50); do
   curl -fsI "http://127.0.0.1:$http_port/" >/dev/null 2>&1 && break
   sleep 0.1
 done
-export INNOVA_MODEL_URL="http://127.0.0.1:$http_port/SmolLM2-135M-Instruct.Q4_1.gguf"
+export INNOVA_MODEL_URL="http://127.0.0.1:$http_port/SmolLM2-135M-Instruct.Q4_1.gguf" INNOVA_MODEL_FILE="$model"
 export INNOVA_TEST_PORT="${INNOVA_TEST_PORT:-$(free_port 18400 18499)}"
 
 log "image $INNOVA_TEST_IMAGE, wheelhouse $INNOVA_WHEELHOUSE, model $INNOVA_MODEL_URL, service port $INNOVA_TEST_PORT"
