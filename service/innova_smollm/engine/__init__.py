@@ -8,6 +8,11 @@ from innova_smollm.settings import Settings
 
 def load_engine(settings: Settings) -> Engine:
     """Load the model named by the settings (blocking). Raises ModelLoadError with an operator-readable message."""
+    if settings.parallel > 1:
+        # Continuous batching: up to `parallel` requests decode together in one llama.cpp batch.
+        from innova_smollm.engine.batched import BatchedLlamaEngine
+
+        return BatchedLlamaEngine(settings)
     from innova_smollm.engine.llama import LlamaEngine
 
     return LlamaEngine(settings)

@@ -1,0 +1,495 @@
+"""Continuous batching: up to ``parallel`` requests decode together in one llama.cpp batch per step.
+
+One engine thread owns one llama context. Each step it builds a single multi-sequence ``llama_batch``: the last
+sampled token of every sequence that is generating, plus a chunk of the prompt of sequences still being prefilled.
+After one ``llama_decode`` each sequence samples its next token in C from its own sampler chain, reading its own row
+of logits by batch index, so no logits ever reach Python. A new job joins between steps; a finished or cancelled
+sequence leaves by removing its cells from the shared KV cache (``llama_memory_seq_rm``), which frees room at once.
+
+KV cache sizing: the cache is *unified* (one pool of ``n_ctx`` cells shared by all sequences) and a job is admitted
+only when its prompt plus max_tokens fit in the cells not yet reserved by the running sequences. Why this and not
+``n_ctx * parallel`` cells: memory stays what a one-at-a-time engine needs (for a 3B model one 4k-token cache is
+about 450 MB; four would be 1.8 GB, mostly idle), every request still gets the full ``n_ctx`` window (llama-server
+instead divides ``n_ctx`` by its slot count, llama.cpp#11681), and short requests, the common case, run side by side.
+A long job waits (first come, first served) until enough cells are free, so it can never run out of room midway.
+Why unified rather than one stream per sequence: with separate streams llama.cpp splits a batch into equal-length
+parts per sequence, which turns a prompt chunk decoded beside single generating tokens into many tiny ubatches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+from llama_cpp import llama_chat_format
+
+from innova_smollm.engine.llama import FALLBACK_CHAT_TEMPLATE, FILE_TYPES, _open_model, check_model_file
+from innova_smollm.errors import (
+    ContextLengthExceededError,
+    GenerationError,
+    ModelLoadError,
+    NotReadyError,
+    RequestTimeoutError,
+)
+from innova_smollm.generation import ChatMessage, FinishReason, GenerationJob, ModelMetadata, TokenSink
+from innova_smollm.settings import Settings
+from innova_smollm.textstream import TextAssembler
+
+log = logging.getLogger(__name__)
+
+#: Context size of the Llama object used only for tokenizing and the chat template; the batched context below is
+#: the one that decodes, so this one is kept minimal to avoid paying for a second KV cache.
+TOKENIZER_ONLY_N_CTX = 256
+
+#: Largest number of tokens in one llama_decode call.
+MAX_BATCH_TOKENS = 512
+
+#: While other sequences are generating, a new prompt is prefilled at most this many tokens per step, so a long
+#: prompt delays the running streams by one short chunk per step instead of by its whole prefill.
+PREFILL_CHUNK_WHILE_DECODING = 128
+
+#: Tokens of history the repeat penalty looks at (llama-cpp-python's default ``last_n_tokens_size``).
+PENALTY_LAST_N = 64
+
+
+class _Running:
+    """One admitted job: its KV sequence id, its sampler chain and where it stands."""
+
+    __slots__ = (
+        "assembler",
+        "batch_index",
+        "job",
+        "last_token",
+        "position",
+        "prefilled",
+        "produced",
+        "reserved_cells",
+        "sampler",
+        "seq_id",
+        "sink",
+    )
+
+    def __init__(self, job: GenerationJob, sink: TokenSink, seq_id: int, sampler: Any) -> None:
+        self.job = job
+        self.sink = sink
+        self.seq_id = seq_id
+        self.sampler = sampler
+        self.assembler = TextAssembler(job.stop)
+        self.reserved_cells = len(job.prompt_tokens) + job.max_tokens
+        #: How many prompt tokens are already in the KV cache; generation starts once all are.
+        self.prefilled = 0
+        #: Position of the next token this sequence puts in the KV cache.
+        self.position = 0
+        self.produced = 0
+        self.last_token = -1
+        #: Row of this sequence's logits in the current batch, or -1 when it has no output this step.
+        self.batch_index = -1
+
+    @property
+    def generating(self) -> bool:
+        return self.prefilled == len(self.job.prompt_tokens)
+
+
+class BatchedLlamaEngine:
+    """A loaded GGUF model decoding up to ``settings.parallel`` requests together (continuous batching)."""
+
+    def __init__(self, settings: Settings) -> None:
+        path = settings.model_path
+        check_model_file(path)
+        started = time.perf_counter()
+        self._llama, n_gpu_layers = _open_model(path, dataclasses.replace(settings, n_ctx=TOKENIZER_ONLY_N_CTX))
+        self._vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
+        self._parallel = settings.parallel
+        self._n_batch = min(MAX_BATCH_TOKENS, settings.n_ctx)
+        self._ctx = self._new_context(settings, path)
+        self._n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        load_time = time.perf_counter() - started
+        self._chat_formatter, template_source = self._make_chat_formatter()
+        self._metadata = self._describe(path, settings, n_gpu_layers, load_time, template_source)
+        self._timeout_s = settings.request_timeout_s
+
+        # Batch arrays are reached through cached pointers: each attribute read of a ctypes field builds a new object.
+        self._batch_token = self._batch.token
+        self._batch_pos = self._batch.pos
+        self._batch_n_seq_id = self._batch.n_seq_id
+        self._batch_logits = self._batch.logits
+        self._batch_seq_id = [self._batch.seq_id[i] for i in range(self._n_batch)]
+        for i in range(self._n_batch):
+            self._batch_n_seq_id[i] = 1
+        #: token -> (bytes it renders to, whether it ends generation); filled lazily, the vocabulary is fixed.
+        self._pieces: dict[int, tuple[bytes, bool]] = {}
+
+        self._inbox: queue.SimpleQueue[tuple[GenerationJob, TokenSink] | None] = queue.SimpleQueue()
+        self._waiting: deque[tuple[GenerationJob, TokenSink]] = deque()
+        self._running: dict[int, _Running] = {}  # by seq id, in admission order
+        self._free_seq_ids = list(range(self._parallel - 1, -1, -1))
+        self._free_cells = self._n_ctx
+        self._stopping = False
+        self._closed = False
+        self._worker = threading.Thread(target=self._serve, name="llama-batched-engine", daemon=True)
+        self._worker.start()
+
+    @property
+    def metadata(self) -> ModelMetadata:
+        return self._metadata
+
+    # --- tokens ---------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        tokens: list[int] = self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        return tokens
+
+    def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        conversation: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
+        rendered = self._chat_formatter(messages=conversation)
+        # The template writes the special tokens (BOS included) itself, so none are added here.
+        tokens: list[int] = self._llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
+        return tokens
+
+    # --- jobs -----------------------------------------------------------------------------------------------
+
+    def submit(self, job: GenerationJob, sink: TokenSink) -> None:
+        if self._closed:
+            sink.failed(NotReadyError("stopping", "the engine is shut down"))
+            return
+        self._inbox.put((job, sink))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._inbox.put(None)
+        self._worker.join(timeout=30)
+        if self._worker.is_alive():
+            # Freeing the context under a thread still inside llama_decode would crash the process; leak instead.
+            log.error("the batched engine thread did not stop within 30 s; leaving its llama context allocated")
+            return
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self._ctx)
+        self._ctx = None
+        self._llama.close()
+
+    # --- the engine thread ----------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                self._take_new_jobs(block=not self._running and not self._waiting)
+                if self._stopping:
+                    break
+                self._drop_abandoned_waiting()
+                self._admit()
+                if self._running:
+                    self._step()
+        except Exception as exc:  # the loop itself broke: nothing can run any more, so say so to everyone
+            log.exception("the batched engine loop failed")
+            self._closed = True
+            self._fail_everyone(GenerationError(f"llama.cpp engine failed: {exc}"))
+        self._fail_everyone(NotReadyError("stopping", "the engine shut down before this request ended"))
+
+    def _take_new_jobs(self, *, block: bool) -> None:
+        with contextlib.suppress(queue.Empty):
+            item = self._inbox.get() if block else self._inbox.get_nowait()
+            while True:
+                if item is None:
+                    self._stopping = True
+                    return
+                self._waiting.append(item)
+                item = self._inbox.get_nowait()
+
+    def _drop_abandoned_waiting(self) -> None:
+        """Release waiting jobs whose caller left or whose deadline passed, without waiting for a free slot."""
+        if not self._waiting:
+            return
+        now = time.monotonic()
+        kept: deque[tuple[GenerationJob, TokenSink]] = deque()
+        for job, sink in self._waiting:
+            if sink.cancelled():
+                continue  # like LlamaEngine: a caller that left is owed nothing
+            if now > job.deadline:
+                self._notify_failed(sink, RequestTimeoutError(self._timeout_s))
+                continue
+            kept.append((job, sink))
+        self._waiting = kept
+
+    def _admit(self) -> None:
+        """Start waiting jobs, first come first served, while a sequence id and enough KV cells are free."""
+        while self._waiting and self._free_seq_ids:
+            job, sink = self._waiting[0]
+            needed = len(job.prompt_tokens) + job.max_tokens
+            if needed > self._n_ctx or not job.prompt_tokens:
+                self._waiting.popleft()
+                # The service checks this before submitting; this guards the KV cache against any other caller.
+                self._notify_failed(
+                    sink,
+                    ContextLengthExceededError(
+                        prompt_tokens=len(job.prompt_tokens), max_tokens=job.max_tokens, n_ctx=self._n_ctx
+                    ),
+                )
+                continue
+            if needed > self._free_cells:
+                return  # the head waits for cells; later jobs wait behind it so a long job is never starved
+            self._waiting.popleft()
+            seq_id = self._free_seq_ids.pop()
+            running = _Running(job, sink, seq_id, self._new_sampler(job))
+            self._free_cells -= running.reserved_cells
+            self._running[seq_id] = running
+            try:
+                sink.started()
+            except Exception as exc:
+                self._abort(running, exc)
+
+    def _step(self) -> None:
+        """Check every sequence, decode one batch, and sample one token for every sequence that has logits."""
+        now = time.monotonic()
+        for running in list(self._running.values()):
+            if running.sink.cancelled():
+                self._finish(running, FinishReason.CANCELLED)
+            elif now > running.job.deadline:
+                self._finish(running, FinishReason.TIMEOUT)
+        if not self._running:
+            return
+
+        n_tokens = 0
+        tokens, positions, logits, seq_ids = self._batch_token, self._batch_pos, self._batch_logits, self._batch_seq_id
+        in_batch: list[_Running] = []
+        prefilling: list[_Running] = []
+        for running in self._running.values():
+            if not running.generating:
+                prefilling.append(running)
+                continue
+            tokens[n_tokens] = running.last_token
+            positions[n_tokens] = running.position
+            seq_ids[n_tokens][0] = running.seq_id
+            logits[n_tokens] = 1
+            running.batch_index = n_tokens
+            running.position += 1
+            in_batch.append(running)
+            n_tokens += 1
+        budget = self._n_batch - n_tokens
+        if n_tokens:
+            budget = min(budget, PREFILL_CHUNK_WHILE_DECODING)
+        for running in prefilling:
+            running.batch_index = -1
+            prompt = running.job.prompt_tokens
+            take = min(budget, len(prompt) - running.prefilled)
+            if take <= 0:
+                continue
+            seq_id = running.seq_id
+            start = running.prefilled
+            for offset in range(take):
+                tokens[n_tokens] = prompt[start + offset]
+                positions[n_tokens] = start + offset
+                seq_ids[n_tokens][0] = seq_id
+                logits[n_tokens] = 0
+                n_tokens += 1
+            budget -= take
+            running.prefilled += take
+            running.position = running.prefilled
+            in_batch.append(running)
+            if running.generating:
+                logits[n_tokens - 1] = 1
+                running.batch_index = n_tokens - 1
+
+        self._batch.n_tokens = n_tokens
+        status = llama_cpp.llama_decode(self._ctx, self._batch)
+        if status != 0:
+            # Reservations make "no KV slot" (1) impossible; anything else is llama.cpp failing. The sequences in
+            # this batch cannot continue, the others were not touched.
+            error = GenerationError(f"llama_decode failed with status {status}")
+            log.error("llama_decode failed with status %d for %d sequences", status, len(in_batch))
+            for running in in_batch:
+                self._abort(running, error)
+            return
+
+        for running in in_batch:
+            if running.batch_index < 0:
+                continue
+            token = llama_cpp.llama_sampler_sample(running.sampler, self._ctx, running.batch_index)
+            try:
+                self._deliver(running, token)
+            except Exception as exc:  # a broken sink ends its own job only
+                self._abort(running, exc)
+
+    def _deliver(self, running: _Running, token: int) -> None:
+        piece, ends_generation = self._piece(token)
+        if ends_generation:
+            self._finish(running, FinishReason.STOP)
+            return
+        running.produced += 1
+        fed = running.assembler.feed(piece)
+        if fed.text:
+            running.sink.text(fed.text)
+        if fed.stopped:
+            self._finish(running, FinishReason.STOP)
+        elif running.produced >= running.job.max_tokens:
+            self._finish(running, FinishReason.LENGTH)
+        else:
+            running.last_token = token
+
+    def _piece(self, token: int) -> tuple[bytes, bool]:
+        cached = self._pieces.get(token)
+        if cached is None:
+            cached = (self._token_bytes(token), bool(llama_cpp.llama_vocab_is_eog(self._vocab, token)))
+            self._pieces[token] = cached
+        return cached
+
+    def _token_bytes(self, token: int) -> bytes:
+        # special=False renders control tokens as nothing, like Llama.detokenize. A negative result is the size
+        # the piece needs (some merges are long runs of spaces), so retry with a buffer that large.
+        size = 64
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            written = int(llama_cpp.llama_token_to_piece(self._vocab, token, buffer, size, 0, False))
+            if written >= 0:
+                return buffer.raw[:written]
+            size = -written
+
+    # --- leaving --------------------------------------------------------------------------------------------
+
+    def _finish(self, running: _Running, reason: FinishReason) -> None:
+        self._release(running)
+        try:
+            tail = running.assembler.flush()
+            if tail:
+                running.sink.text(tail)
+            running.sink.finished(reason, running.produced)
+        except Exception:
+            log.exception("a token sink failed while finishing job %d", running.job.job_id)
+
+    def _abort(self, running: _Running, error: Exception) -> None:
+        self._release(running)
+        if not isinstance(error, GenerationError | NotReadyError):
+            log.error("job %d failed: %r", running.job.job_id, error)
+            error = GenerationError(f"generation failed: {error}")
+        self._notify_failed(running.sink, error)
+
+    def _release(self, running: _Running) -> None:
+        if self._running.pop(running.seq_id, None) is None:
+            return
+        # Removing a whole sequence never fails; its cells are free for the next step.
+        llama_cpp.llama_memory_seq_rm(self._memory, running.seq_id, -1, -1)
+        llama_cpp.llama_sampler_free(running.sampler)
+        self._free_seq_ids.append(running.seq_id)
+        self._free_cells += running.reserved_cells
+
+    def _fail_everyone(self, error: Exception) -> None:
+        for running in list(self._running.values()):
+            self._abort(running, error)
+        self._take_new_jobs(block=False)
+        for _job, sink in self._waiting:
+            self._notify_failed(sink, NotReadyError("stopping", "the engine shut down before this request ran"))
+        self._waiting.clear()
+        # Jobs submitted while closing land after the stop marker: they are owed an answer too.
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = self._inbox.get_nowait()
+                if item is not None:
+                    self._notify_failed(item[1], NotReadyError("stopping", "the engine shut down"))
+
+    @staticmethod
+    def _notify_failed(sink: TokenSink, error: Exception) -> None:
+        try:
+            sink.failed(error)
+        except Exception:
+            log.exception("a token sink failed while being told of an error")
+
+    # --- setup ----------------------------------------------------------------------------------------------
+
+    def _new_context(self, settings: Settings, path: Path) -> Any:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = settings.n_ctx
+        params.n_batch = self._n_batch
+        params.n_ubatch = self._n_batch
+        params.n_seq_max = self._parallel
+        # Each sequence asks for at most one row of logits per step; sizing the output buffer for that instead of
+        # for n_batch rows saves n_batch x n_vocab floats (about 100 MB for a 49k vocabulary).
+        params.n_outputs_max = self._parallel
+        params.n_threads = settings.n_threads
+        params.n_threads_batch = max(settings.n_threads, len(os.sched_getaffinity(0)))
+        params.kv_unified = True
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(self._llama.model, params)
+        if not ctx:
+            self._llama.close()
+            raise ModelLoadError(
+                f"llama.cpp could not create a context for {path} with n_ctx={settings.n_ctx} and "
+                f"{self._parallel} parallel sequences (out of memory?)"
+            )
+        return ctx
+
+    def _new_sampler(self, job: GenerationJob) -> Any:
+        sampling = job.sampling
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if sampling.repeat_penalty != 1.0:
+            llama_cpp.llama_sampler_chain_add(
+                chain, llama_cpp.llama_sampler_init_penalties(PENALTY_LAST_N, sampling.repeat_penalty, 0.0, 0.0)
+            )
+        if sampling.greedy:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            return chain
+        # Same order as llama-cpp-python's Llama sampler, so a seeded request samples from the same distribution.
+        seed = sampling.seed if sampling.seed is not None else random.randrange(2**31)
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        return chain
+
+    def _make_chat_formatter(self) -> tuple[llama_chat_format.Jinja2ChatFormatter, str]:
+        template = self._llama.metadata.get("tokenizer.chat_template")
+        source = "gguf"
+        if not template:
+            template, source = FALLBACK_CHAT_TEMPLATE, "fallback:chatml"
+        formatter = llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=self._special_token_text(self._llama.token_eos()),
+            bos_token=self._special_token_text(self._llama.token_bos()),
+            add_generation_prompt=True,
+        )
+        return formatter, source
+
+    def _special_token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return bytes(self._llama.detokenize([token], special=True)).decode("utf-8", errors="replace")
+
+    def _describe(
+        self, path: Path, settings: Settings, n_gpu_layers: int, load_time: float, template_source: str
+    ) -> ModelMetadata:
+        meta: dict[str, Any] = self._llama.metadata
+        file_type = int(meta.get("general.file_type", -1))
+        return ModelMetadata(
+            name=path.stem,
+            path=str(path),
+            architecture=str(meta.get("general.architecture", "unknown")),
+            parameters=int(llama_cpp.llama_model_n_params(self._llama.model)),
+            file_size_bytes=path.stat().st_size,
+            quantization=FILE_TYPES.get(file_type, f"unknown (file_type {file_type})"),
+            n_ctx=self._n_ctx,
+            n_ctx_train=int(llama_cpp.llama_model_n_ctx_train(self._llama.model)),
+            n_threads=settings.n_threads,
+            n_gpu_layers=n_gpu_layers,
+            device="gpu" if n_gpu_layers != 0 else "cpu",
+            has_chat_template=template_source == "gguf",
+            chat_template_source=template_source,
+            vocab_size=int(self._llama.n_vocab()),
+            llama_cpp_python_version=str(llama_cpp.__version__),
+            load_time_s=round(load_time, 3),
+            parallel=self._parallel,
+        )
