@@ -104,16 +104,20 @@ def test_unmatched_paths_share_one_route_label(live: LiveServer) -> None:
 
 
 @pytest.fixture
-def single_slot(engine: LlamaEngine, model_path: Path) -> Iterator[LiveServer]:
-    """One request at a time and no waiting line: a second request is refused while the first runs."""
-    settings = make_settings(model_path, max_tokens=400, max_queue=0, parallel=1)
-    with serve_in_thread(settings, engine=engine) as server:
-        yield server
+def single_slot(model_path: Path) -> Iterator[LiveServer]:
+    """One request at a time, no waiting line, and room for a long answer: a second request is refused meanwhile."""
+    settings = make_settings(model_path, n_ctx=4096, max_tokens=4000, max_queue=0, parallel=1)
+    engine = LlamaEngine(settings)
+    try:
+        with serve_in_thread(settings, engine=engine) as server:
+            yield server
+    finally:
+        engine.close()
 
 
 def test_queue_full_and_cancellation_are_counted(single_slot: LiveServer) -> None:
     before = scrape(single_slot)
-    payload = {"prompt": LONG_PROMPT, "max_tokens": 400, "temperature": 0, "stream": True}
+    payload = {"prompt": LONG_PROMPT, "max_tokens": 4000, "temperature": 0, "stream": True}
     with requests.post(single_slot.url + f"{API}/generate", json=payload, stream=True, timeout=60) as running:
         assert running.status_code == 200
         lines = running.iter_lines()

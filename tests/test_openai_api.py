@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
+import requests
 
-from tests.conftest import API, LONG_PROMPT, LiveServer, parse_sse
+from innova_smollm.engine.llama import LlamaEngine
+from tests.conftest import API, LONG_PROMPT, LiveServer, make_settings, parse_sse, serve_in_thread, wait_until
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 
@@ -194,3 +197,62 @@ def test_openai_routes_are_in_the_schema(live: LiveServer) -> None:
     paths = live.get("/schema/openapi.json").json()["paths"]
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/metrics"):
         assert path in paths
+
+
+def in_flight(server: LiveServer) -> int:
+    return int(server.get(f"{API}/info").json()["in_flight"])
+
+
+#: Enough room that a counting answer is still running when a test acts, however fast the machine is that day.
+RUNWAY_TOKENS = 6000
+
+
+@pytest.fixture(scope="module")
+def runway_engine(model_path: Path) -> Iterator[LlamaEngine]:
+    """A model with a context long enough for minutes of generation."""
+    engine = LlamaEngine(make_settings(model_path, n_ctx=RUNWAY_TOKENS + 256))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def runway(runway_engine: LlamaEngine, model_path: Path) -> Iterator[LiveServer]:
+    settings = make_settings(model_path, n_ctx=RUNWAY_TOKENS + 256, max_tokens=RUNWAY_TOKENS)
+    with serve_in_thread(settings, engine=runway_engine) as server:
+        yield server
+
+
+def test_a_stream_whose_client_leaves_stops_and_frees_its_place(runway: LiveServer) -> None:
+    payload = {"prompt": LONG_PROMPT, "max_tokens": RUNWAY_TOKENS, "temperature": 0, "stream": True}
+    with requests.post(runway.url + "/v1/completions", json=payload, stream=True, timeout=60) as reply:
+        assert reply.status_code == 200
+        # Keep the line iterator referenced: dropping it closes the connection, i.e. leaves early.
+        lines = reply.iter_lines()
+        assert next(lines).startswith(b"data: ")
+        assert in_flight(runway) == 1
+    assert wait_until(lambda: in_flight(runway) == 0, timeout=10)
+    assert wait_until(lambda: "smollm_cancellations_total 1.0" in runway.get("/metrics").text, timeout=10)
+
+
+def test_a_plain_request_whose_client_leaves_stops_and_frees_its_place(runway: LiveServer) -> None:
+    payload = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": RUNWAY_TOKENS, "temperature": 0}
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(runway.url + "/v1/completions", json=payload, timeout=(5, 0.5))
+    assert wait_until(lambda: in_flight(runway) == 0, timeout=10)
+    assert wait_until(lambda: "smollm_cancellations_total 2.0" in runway.get("/metrics").text, timeout=10)
+
+
+def test_a_generation_cut_by_the_server_deadline_finishes_with_length(
+    runway_engine: LlamaEngine, model_path: Path
+) -> None:
+    settings = make_settings(model_path, n_ctx=RUNWAY_TOKENS + 256, max_tokens=RUNWAY_TOKENS, request_timeout_s=2.0)
+    with (
+        serve_in_thread(settings, engine=runway_engine) as server,
+        openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0) as sdk,
+    ):
+        completion = sdk.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=RUNWAY_TOKENS, temperature=0)
+        metrics = server.get("/metrics").text
+    # The native finish_reason is `timeout` (SMOLLM_REQUEST_TIMEOUT_S ran out); OpenAI clients get `length`.
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage is not None and completion.usage.completion_tokens < RUNWAY_TOKENS
+    assert 'smollm_answers_total{finish_reason="timeout",source="local"} 1.0' in metrics
