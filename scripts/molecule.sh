@@ -4,6 +4,7 @@
 #   scripts/molecule.sh                  # molecule test -s default
 #   scripts/molecule.sh test default     # any molecule subcommand + scenario (converge, verify, login, destroy...)
 #   scripts/molecule.sh converge default # keep the container for debugging; then `... destroy default`
+#   scripts/molecule.sh converge default -- --check --diff   # extra arguments go to ansible-playbook
 #
 # It prepares everything a fresh Debian 12 machine lacks, and caches what it can between runs:
 #   1. apt: podman, runc, debootstrap (only when missing)
@@ -78,14 +79,19 @@ http_port="$(free_port)"
   >/tmp/innova-molecule-http.$$.log 2>&1 &
 http_pid=$!
 trap 'kill "$http_pid" 2>/dev/null || true; rm -f /tmp/innova-molecule-http.$$.log' EXIT
-for _ in $(seq 50); do
-  curl -fsI "http://127.0.0.1:$http_port/" >/dev/null 2>&1 && break
-  sleep 0.1
-done
+"$venv/bin/python" - "$http_port" <<'PY'
+import socket, sys, time
+for _ in range(100):
+    try:
+        socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1).close()
+        break
+    except OSError:
+        time.sleep(0.1)
+PY
 export INNOVA_MODEL_URL="http://127.0.0.1:$http_port/SmolLM2-135M-Instruct.Q4_1.gguf" INNOVA_MODEL_FILE="$model"
 export INNOVA_TEST_PORT="${INNOVA_TEST_PORT:-$(free_port 18400 18499)}"
 
 log "image $INNOVA_TEST_IMAGE, wheelhouse $INNOVA_WHEELHOUSE, model $INNOVA_MODEL_URL, service port $INNOVA_TEST_PORT"
 cd "$repo_root/tests"
 export ANSIBLE_FORCE_COLOR="${ANSIBLE_FORCE_COLOR:-0}" PY_COLORS="${PY_COLORS:-0}"
-molecule "$action" --scenario-name "$scenario"
+molecule "$action" --scenario-name "$scenario" "${@:3}"
