@@ -1,4 +1,4 @@
-"""The model service: state, admission, request preparation and the two ways to run a request.
+"""The model service: state, request preparation and the two ways to run a request.
 
 Both the HTTP routes and the in-process API (:func:`innova_smollm.get_smollm_model`) go through one
 :class:`SmolLMService`, so the limits, the context check, the echo provider and the fallback behave the same
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import queue
-import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -19,12 +17,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from innova_smollm.admission import Admission, Ticket
 from innova_smollm.errors import (
     ContextLengthExceededError,
     GenerationError,
     InvalidRequestError,
     NotReadyError,
-    QueueFullError,
     RequestTimeoutError,
     SmolLMError,
 )
@@ -117,19 +115,6 @@ class _NoObserver:
         pass
 
 
-class Ticket:
-    """A place in the engine's line; releasing it twice is harmless."""
-
-    def __init__(self, release: Callable[[], None]) -> None:
-        self._release = release
-        self._released = False
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._release()
-
-
 class _Collector:
     """Folds engine events into an :class:`Outcome`; shared by the async and the blocking paths."""
 
@@ -177,9 +162,7 @@ class SmolLMService:
         self._loader = loader
         self._state = State.OK if engine is not None else State.LOADING
         self._detail: str | None = None
-        self._admission = threading.Lock()
-        self._in_system = 0
-        self._running_jobs_s = 4.0  # a first guess of a request's duration, refined by measurement
+        self._admission = Admission(parallel=settings.parallel, max_queue=settings.max_queue)
         if not settings.enabled:
             self._state, self._detail = State.DISABLED, "ENABLE_SMOLLM is false"
         elif settings.provider is Provider.ECHO:
@@ -250,7 +233,7 @@ class SmolLMService:
 
     @property
     def in_flight(self) -> int:
-        return self._in_system
+        return self._admission.in_flight
 
     # --- describing the model ---------------------------------------------------------------------------------
 
@@ -376,28 +359,8 @@ class SmolLMService:
     # --- admission ------------------------------------------------------------------------------------------
 
     def admit(self) -> Ticket:
-        """Take a place in line, or refuse at once with a Retry-After estimate. Never waits."""
-        capacity = self.settings.parallel + self.settings.max_queue
-        with self._admission:
-            if self._in_system >= capacity:
-                waiting = self._in_system - self.settings.parallel
-                raise QueueFullError(
-                    waiting=waiting, max_queue=self.settings.max_queue, retry_after_s=self._retry_after(waiting)
-                )
-            self._in_system += 1
-        return Ticket(self._leave)
-
-    def _leave(self) -> None:
-        with self._admission:
-            self._in_system -= 1
-
-    def _retry_after(self, waiting: int) -> int:
-        # The line drains at about `parallel` requests per typical request duration.
-        estimate = self._running_jobs_s * (waiting + 1) / self.settings.parallel
-        return max(1, min(60, math.ceil(estimate)))
-
-    def _observe_duration(self, seconds: float) -> None:
-        self._running_jobs_s = 0.8 * self._running_jobs_s + 0.2 * seconds
+        """Take a place in line, or raise QueueFullError at once with a Retry-After estimate."""
+        return self._admission.admit()
 
     # --- running --------------------------------------------------------------------------------------------
 
@@ -492,7 +455,7 @@ class SmolLMService:
             return event.text
         if isinstance(event, Finished):
             outcome = collector.outcome(event.reason, event.completion_tokens)
-            self._observe_duration(outcome.total_s)
+            self._admission.observe_duration(outcome.total_s)
             return self._observed(outcome)
         assert isinstance(event, Failed)
         return self._on_failure(event.error, collector, prepared)
