@@ -257,3 +257,12 @@ def test_generation_stops_at_the_request_deadline(engine: LlamaEngine, model_pat
         assert answer["finish_reason"] == "timeout"
         assert 0 < answer["usage"]["completion_tokens"] < 900
         assert answer["text"].strip().startswith("5")
+
+
+def test_long_token_pieces_keep_their_text(engine: LlamaEngine) -> None:
+    # SmolLM2 has tokens longer than Llama.detokenize's 32-byte buffer (a run of 64 dashes is one token).
+    dashes = "-" * 64
+    tokens = engine.tokenize("a" + dashes + "b")
+    pieces = [engine.pieces(token)[0] for token in tokens]
+    assert max(len(piece) for piece in pieces) == 64
+    assert b"".join(pieces).decode().endswith("a" + dashes + "b")

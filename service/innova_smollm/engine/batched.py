@@ -19,7 +19,6 @@ parts per sequence, which turns a prompt chunk decoded beside single generating 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import os
@@ -35,7 +34,7 @@ from typing import Any
 import llama_cpp
 from llama_cpp import llama_chat_format
 
-from innova_smollm.engine.llama import FALLBACK_CHAT_TEMPLATE, FILE_TYPES, _open_model, check_model_file
+from innova_smollm.engine.llama import FALLBACK_CHAT_TEMPLATE, FILE_TYPES, TokenPieces, check_model_file, open_model
 from innova_smollm.errors import (
     ContextLengthExceededError,
     GenerationError,
@@ -109,7 +108,7 @@ class BatchedLlamaEngine:
         path = settings.model_path
         check_model_file(path)
         started = time.perf_counter()
-        self._llama, n_gpu_layers = _open_model(path, dataclasses.replace(settings, n_ctx=TOKENIZER_ONLY_N_CTX))
+        self._llama, n_gpu_layers = open_model(path, dataclasses.replace(settings, n_ctx=TOKENIZER_ONLY_N_CTX))
         self._vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
         self._parallel = settings.parallel
         self._n_batch = min(MAX_BATCH_TOKENS, settings.n_ctx)
@@ -131,7 +130,7 @@ class BatchedLlamaEngine:
         for i in range(self._n_batch):
             self._batch_n_seq_id[i] = 1
         #: token -> (bytes it renders to, whether it ends generation); filled lazily, the vocabulary is fixed.
-        self._pieces: dict[int, tuple[bytes, bool]] = {}
+        self.pieces = TokenPieces(self._vocab)
 
         self._inbox: queue.SimpleQueue[tuple[GenerationJob, TokenSink] | None] = queue.SimpleQueue()
         self._waiting: deque[tuple[GenerationJob, TokenSink]] = deque()
@@ -326,7 +325,7 @@ class BatchedLlamaEngine:
                 self._abort(running, exc)
 
     def _deliver(self, running: _Running, token: int) -> None:
-        piece, ends_generation = self._piece(token)
+        piece, ends_generation = self.pieces(token)
         if ends_generation:
             self._finish(running, FinishReason.STOP)
             return
@@ -340,24 +339,6 @@ class BatchedLlamaEngine:
             self._finish(running, FinishReason.LENGTH)
         else:
             running.last_token = token
-
-    def _piece(self, token: int) -> tuple[bytes, bool]:
-        cached = self._pieces.get(token)
-        if cached is None:
-            cached = (self._token_bytes(token), bool(llama_cpp.llama_vocab_is_eog(self._vocab, token)))
-            self._pieces[token] = cached
-        return cached
-
-    def _token_bytes(self, token: int) -> bytes:
-        # special=False renders control tokens as nothing, like Llama.detokenize. A negative result is the size
-        # the piece needs (some merges are long runs of spaces), so retry with a buffer that large.
-        size = 64
-        while True:
-            buffer = ctypes.create_string_buffer(size)
-            written = int(llama_cpp.llama_token_to_piece(self._vocab, token, buffer, size, 0, False))
-            if written >= 0:
-                return buffer.raw[:written]
-            size = -written
 
     # --- leaving --------------------------------------------------------------------------------------------
 

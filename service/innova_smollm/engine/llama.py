@@ -8,6 +8,7 @@ checks each job's sink between tokens, which is how a client that goes away stop
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import queue
@@ -75,6 +76,35 @@ def _directory_listing(directory: Path) -> str:
     return f"its directory {directory} holds: {shown}"
 
 
+class TokenPieces:
+    """Each token's bytes and whether it ends generation, looked up once per token id.
+
+    ``Llama.detokenize`` renders into a 32-byte buffer and returns nothing for longer pieces (SmolLM2 has dozens,
+    runs of spaces among them), which silently drops text; this retries with the size llama.cpp asks for.
+    """
+
+    def __init__(self, vocab: Any) -> None:
+        self._vocab = vocab
+        self._cache: dict[int, tuple[bytes, bool]] = {}
+
+    def __call__(self, token: int) -> tuple[bytes, bool]:
+        cached = self._cache.get(token)
+        if cached is None:
+            cached = (self._bytes(token), bool(llama_cpp.llama_vocab_is_eog(self._vocab, token)))
+            self._cache[token] = cached
+        return cached
+
+    def _bytes(self, token: int) -> bytes:
+        # special=False renders control tokens as nothing. A negative result is the size the piece needs.
+        size = 64
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            written = int(llama_cpp.llama_token_to_piece(self._vocab, token, buffer, size, 0, False))
+            if written >= 0:
+                return buffer.raw[:written]
+            size = -written
+
+
 class LlamaEngine:
     """A loaded GGUF model served by one worker thread, one request at a time."""
 
@@ -82,10 +112,11 @@ class LlamaEngine:
         path = settings.model_path
         check_model_file(path)
         started = time.perf_counter()
-        self._llama, n_gpu_layers = _open_model(path, settings)
+        self._llama, n_gpu_layers = open_model(path, settings)
         load_time = time.perf_counter() - started
         self._chat_formatter, template_source = self._make_chat_formatter()
         self._vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
+        self.pieces = TokenPieces(self._vocab)
         self._metadata = self._describe(path, settings, n_gpu_layers, load_time, template_source)
         self._timeout_s = settings.request_timeout_s
         self._jobs: queue.SimpleQueue[tuple[GenerationJob, TokenSink] | None] = queue.SimpleQueue()
@@ -167,11 +198,12 @@ class LlamaEngine:
         )
         try:
             for token in tokens:
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                piece, ends_generation = self.pieces(token)
+                if ends_generation:
                     reason = FinishReason.STOP
                     break
                 produced += 1
-                fed = assembler.feed(self._llama.detokenize([token]))
+                fed = assembler.feed(piece)
                 if fed.text:
                     sink.text(fed.text)
                 if fed.stopped:
@@ -240,7 +272,7 @@ class LlamaEngine:
         )
 
 
-def _open_model(path: Path, settings: Settings) -> tuple[llama_cpp.Llama, int]:
+def open_model(path: Path, settings: Settings) -> tuple[llama_cpp.Llama, int]:
     """Load the GGUF, offloading layers when asked and possible; on any offload failure fall back to the CPU."""
     n_gpu_layers = settings.n_gpu_layers
     if n_gpu_layers != 0 and not llama_cpp.llama_supports_gpu_offload():
