@@ -266,3 +266,25 @@ def test_long_token_pieces_keep_their_text(engine: LlamaEngine) -> None:
     pieces = [engine.pieces(token)[0] for token in tokens]
     assert max(len(piece) for piece in pieces) == 64
     assert b"".join(pieces).decode().endswith("a" + dashes + "b")
+
+
+def test_info_names_the_deployed_model_behind_current_gguf_and_shows_the_record(
+    tmp_path: Path, model_path: Path
+) -> None:
+    # The innova_model role's layout: a versioned file, current.gguf pointing at it, and the JSON record.
+    versioned = tmp_path / "SmolLM2-135M-Instruct.Q4_1-b179c9523d0e.gguf"
+    versioned.symlink_to(model_path)
+    (tmp_path / "current.gguf").symlink_to(versioned.name)
+    record = {"current": {"name": "SmolLM2-135M-Instruct.Q4_1", "sha256": "b179c952", "time": "2026-11-25T02:00Z"}}
+    manifest = tmp_path / "innova_model.fact"
+    manifest.write_text(json.dumps(record))
+    settings = make_settings(tmp_path / "current.gguf", model_manifest=manifest)
+    with serve_in_thread(settings) as server:
+        assert wait_until(lambda: server.get(f"{API}/health").status_code == 200, timeout=60)
+        info = server.get(f"{API}/info").json()
+        assert info["model_name"] == "SmolLM2-135M-Instruct.Q4_1"
+        assert info["deployment"] == record
+        chat = server.post(f"{API}/chat", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        assert chat.json()["model_info"]["model_name"] == "SmolLM2-135M-Instruct.Q4_1"
+        manifest.write_text("{broken")
+        assert "cannot read" in server.get(f"{API}/info").json()["deployment"]["error"]

@@ -102,3 +102,19 @@ def test_listening_beyond_loopback_needs_keys_or_an_explicit_opt_in() -> None:
 
 def test_keys_are_not_shown_in_the_settings_repr() -> None:
     assert "0123456789abcdef" not in repr(Settings.from_env({"SMOLLM_API_KEYS": "0123456789abcdef"}))
+
+
+def test_the_model_manifest_is_optional(tmp_path: Path) -> None:
+    assert Settings.from_env({}).model_manifest is None
+    manifest = tmp_path / "innova_model.fact"
+    assert Settings.from_env({"SMOLLM_MODEL_MANIFEST": str(manifest)}).model_manifest == manifest
+
+
+def test_display_name_drops_links_and_the_deployment_suffix(tmp_path: Path) -> None:
+    from innova_smollm.settings import display_name
+
+    target = tmp_path / "Llama-3.2-3B-Instruct-Q4_K_M-0123456789ab.gguf"
+    target.write_bytes(b"GGUF")
+    (tmp_path / "current.gguf").symlink_to(target.name)
+    assert display_name(tmp_path / "current.gguf") == "Llama-3.2-3B-Instruct-Q4_K_M"
+    assert display_name(tmp_path / "missing.gguf") == "missing"

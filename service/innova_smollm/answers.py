@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 from innova_smollm.schemas import Info, ModelInfo, Timings, Usage
 from innova_smollm.service import Outcome, SmolLMService
 
@@ -56,4 +60,19 @@ def service_info(service: SmolLMService) -> Info:
         max_queue=settings.max_queue,
         max_tokens=settings.max_tokens,
         in_flight=service.in_flight,
+        deployment=read_deployment(settings.model_manifest),
     )
+
+
+def read_deployment(manifest: Path | None) -> dict[str, Any] | None:
+    """The deployed-model record (current and previous: name, sha256, when), read fresh on every call.
+
+    It is the provisioning's record, not the service's: a missing or unreadable file is reported, never fatal.
+    """
+    if manifest is None:
+        return None
+    try:
+        record = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return {"error": f"cannot read {manifest}: {exc}"}
+    return record if isinstance(record, dict) else {"error": f"{manifest} does not hold a JSON object"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -62,9 +63,13 @@ class Settings:
     #: How long a SIGTERM waits for running requests before the process exits.
     drain_timeout_s: float = 30.0
 
+    #: JSON record of the deployed models (current and previous: name, sha256, when), written by the innova_model
+    #: role; /info shows it. Empty: none.
+    model_manifest: Path | None = None
+
     @property
     def model_name(self) -> str:
-        return self.model_path.stem
+        return display_name(self.model_path)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -101,6 +106,7 @@ class Settings:
             log_content=env.boolean("SMOLLM_LOG_CONTENT", False),
             log_level=env.choice_text("SMOLLM_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
             drain_timeout_s=env.number("SMOLLM_DRAIN_TIMEOUT_S", 30.0, minimum=0.0),
+            model_manifest=Path(manifest) if (manifest := env.text("SMOLLM_MODEL_MANIFEST", "")) else None,
         )
         settings.check_listen_address()
         return settings
@@ -113,6 +119,22 @@ class Settings:
             f"HOST={self.host!r} listens beyond loopback but SMOLLM_API_KEYS is empty: set SMOLLM_API_KEYS, "
             "or set SMOLLM_ALLOW_INSECURE_LISTEN=true if something in front of the service authenticates callers"
         )
+
+
+_VERSION_SUFFIX = re.compile(r"-[0-9a-f]{12}$")
+
+
+def display_name(model_path: Path) -> str:
+    """The model's name for humans: the GGUF file's stem, through symlinks, without a deployment version suffix.
+
+    The innova_model role deploys ``<name>-<first 12 hex of sha256>.gguf`` behind a ``current.gguf`` symlink;
+    both the link and the suffix are deployment details, so the name shown is ``<name>``.
+    """
+    try:
+        resolved = model_path.resolve()
+    except OSError:
+        resolved = model_path
+    return _VERSION_SUFFIX.sub("", resolved.stem)
 
 
 def _is_loopback(host: str) -> bool:

@@ -24,7 +24,7 @@ from llama_cpp import llama_chat_format
 
 from innova_smollm.errors import GenerationError, ModelLoadError, NotReadyError, RequestTimeoutError
 from innova_smollm.generation import ChatMessage, FinishReason, GenerationJob, JobFinish, ModelMetadata, TokenSink
-from innova_smollm.settings import Settings
+from innova_smollm.settings import Settings, display_name
 from innova_smollm.textstream import TextAssembler
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ class LlamaEngine:
         meta: dict[str, Any] = self._llama.metadata
         file_type = int(meta.get("general.file_type", -1))
         return ModelMetadata(
-            name=path.stem,
+            name=display_name(path),
             path=str(path),
             architecture=str(meta.get("general.architecture", "unknown")),
             parameters=int(llama_cpp.llama_model_n_params(self._llama.model)),
