@@ -23,7 +23,7 @@ from litestar.openapi.spec import Components, Reference, SecurityScheme
 from innova_smollm import __version__
 from innova_smollm.auth import api_key_guard
 from innova_smollm.generation import Engine
-from innova_smollm.http_errors import EXCEPTION_HANDLERS
+from innova_smollm.http_errors import EXCEPTION_HANDLERS, JSONBodyRequest
 from innova_smollm.metrics import Metrics
 from innova_smollm.requestlog import RequestLog
 from innova_smollm.routes import openai
@@ -75,6 +75,7 @@ def create_app(settings: Settings, engine: Engine | None = None, *, loader: Engi
         guards=[api_key_guard(settings.api_keys)] if settings.api_keys else [],
         lifespan=[lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        request_class=JSONBodyRequest,
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="innova-smollm",
