@@ -33,6 +33,10 @@ from innova_smollm.schemas import ChatMessageIn, ChatRequest, GenerateRequest
 from innova_smollm.settings import Provider, Settings
 from tests.conftest import API, LiveServer, make_settings, serve_in_thread
 
+#: The whole module runs well under this on an idle machine; two busy shared cores can take several times longer.
+pytestmark = pytest.mark.timeout(1200)
+
+
 EXAMPLES = int(os.environ.get("INNOVA_FUZZ_EXAMPLES", "10"))
 #: Valid generated texts are cut to this many characters, so prompts stay short.
 PROMPT_CHARS = 200

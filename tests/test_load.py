@@ -21,6 +21,10 @@ import requests
 from innova_smollm.engine.llama import LlamaEngine
 from tests.conftest import API, LiveServer, make_settings, serve_in_thread
 
+#: Bounded inside by RUN_BOUND_S; this only keeps pytest-timeout's default (300 s) from firing first.
+pytestmark = pytest.mark.timeout(900)
+
+
 PARALLEL = 1
 MAX_QUEUE = 4
 CLIENTS = 2 * (PARALLEL + MAX_QUEUE)

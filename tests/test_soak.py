@@ -15,7 +15,13 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 from tests.conftest import REPO_ROOT
+
+#: Under a minute on an idle machine; two busy shared cores can take several times longer.
+pytestmark = pytest.mark.timeout(1200)
+
 
 REQUESTS = 200
 WARMUP = 60
