@@ -140,3 +140,13 @@ def test_the_service_writes_json_request_lines_to_its_output() -> None:
     assert mine[0]["route"] == f"{API}/generate"
     assert mine[0]["completion_tokens"] == reply.json()["usage"]["completion_tokens"]
     assert "zanzibar" not in output
+
+
+def test_log_levels_keep_errors_for_faults() -> None:
+    from innova_smollm.requestlog import _level_of
+
+    assert _level_of(503, "/innova/api/smollm/health") == logging.INFO
+    assert _level_of(503, "/innova/api/smollm/chat") == logging.WARNING
+    assert _level_of(500, "/innova/api/smollm/chat") == logging.ERROR
+    assert _level_of(200, "/innova/api/smollm/chat") == logging.INFO
+    assert _level_of(400, "/v1/chat/completions") == logging.INFO

@@ -121,8 +121,7 @@ class RequestLog:
                 self.on_finish(record)
             except Exception:  # accounting must never turn a served request into an error
                 log.exception("request accounting failed", extra={"event": "request_accounting_failed"})
-        level = logging.ERROR if status >= 500 else logging.INFO
-        log.log(level, "%s %s %s", record["method"], record["path"], status, extra=record)
+        log.log(_level_of(status, record["path"]), "%s %s %s", record["method"], record["path"], status, extra=record)
 
 
 def _request_id_of(scope: Scope) -> str:
@@ -133,3 +132,14 @@ def _request_id_of(scope: Scope) -> str:
                 return candidate
             break
     return uuid.uuid4().hex
+
+
+def _level_of(status: int, path: str) -> int:
+    """503 is a documented answer (loading, busy, disabled), not a fault: only other 5xx are errors.
+
+    A 503 from a health probe is how readiness is reported, so it is routine; elsewhere it means a caller was
+    turned away, worth a warning.
+    """
+    if status == 503:
+        return logging.INFO if path.endswith("/health") else logging.WARNING
+    return logging.ERROR if status >= 500 else logging.INFO
