@@ -145,6 +145,7 @@ def test_openapi_schema_is_served_and_documents_fields(live: LiveServer) -> None
     for path in ("chat", "generate", "info", "health"):
         assert f"{API}/{path}" in paths
     assert "/innova/api/chatlaya/message" in paths
+    assert "200" in paths[f"{API}/health"]["post"]["responses"]  # as served, not Litestar's POST default of 201
     chat_request = schema["components"]["schemas"]["ChatRequest"]
     assert chat_request["properties"]["max_tokens"]["oneOf"] or chat_request["properties"]["max_tokens"]
     assert "description" in json.dumps(chat_request)

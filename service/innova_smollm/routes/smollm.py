@@ -181,7 +181,13 @@ class SmolLMController(Controller):
     def health_get(self, service: NamedDependency[SmolLMService]) -> Response[Health]:
         return health_response(service)
 
-    @post("/health", summary="Readiness (POST form, as in the original backend)", sync_to_thread=False, opt=PUBLIC)
+    @post(
+        "/health",
+        summary="Readiness (POST form, as in the original backend)",
+        status_code=HTTP_200_OK,
+        sync_to_thread=False,
+        opt=PUBLIC,
+    )
     def health_post(self, service: NamedDependency[SmolLMService]) -> Response[Health]:
         return health_response(service)
 
