@@ -247,7 +247,10 @@ def test_stop_string_cuts_the_answer_before_it(engine: BatchedLlamaEngine, alone
 
 
 def test_deadline_during_generation_ends_with_timeout(engine: BatchedLlamaEngine) -> None:
-    job = _job(engine, PROMPTS[2], max_tokens=1500, deadline=time.monotonic() + 0.5)
+    # A prompt the model continues for as long as it may (it counts), so only the deadline can end it, however
+    # fast the machine decodes.
+    counting = tuple(engine.tokenize("Count from 1 to 1000: 1, 2, 3, 4,"))
+    job = GenerationJob(prompt_tokens=counting, max_tokens=1500, sampling=GREEDY, deadline=time.monotonic() + 0.5)
     started = time.monotonic()
     sink = _run(engine, [job])[0]
     assert sink.reason is FinishReason.TIMEOUT

@@ -19,7 +19,6 @@ parts per sequence, which turns a prompt chunk decoded beside single generating 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import queue
@@ -32,9 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
-from llama_cpp import llama_chat_format
 
-from innova_smollm.engine.llama import FALLBACK_CHAT_TEMPLATE, FILE_TYPES, TokenPieces, check_model_file, open_model
+from innova_smollm.engine.llama import GGUFModel
 from innova_smollm.errors import (
     ContextLengthExceededError,
     GenerationError,
@@ -43,7 +41,7 @@ from innova_smollm.errors import (
     RequestTimeoutError,
 )
 from innova_smollm.generation import ChatMessage, FinishReason, GenerationJob, ModelMetadata, TokenSink
-from innova_smollm.settings import Settings, display_name
+from innova_smollm.settings import Settings
 from innova_smollm.textstream import TextAssembler
 
 log = logging.getLogger(__name__)
@@ -106,19 +104,19 @@ class BatchedLlamaEngine:
 
     def __init__(self, settings: Settings) -> None:
         path = settings.model_path
-        check_model_file(path)
         started = time.perf_counter()
-        self._llama, n_gpu_layers = open_model(path, dataclasses.replace(settings, n_ctx=TOKENIZER_ONLY_N_CTX))
-        self._vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
+        self._model = GGUFModel(path, settings, n_ctx=TOKENIZER_ONLY_N_CTX)
+        self._llama = self._model.llama
+        self._vocab = self._model.vocab
         self._parallel = settings.parallel
         self._n_batch = min(MAX_BATCH_TOKENS, settings.n_ctx)
         self._ctx = self._new_context(settings, path)
         self._n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
-        load_time = time.perf_counter() - started
-        self._chat_formatter, template_source = self._make_chat_formatter()
-        self._metadata = self._describe(path, settings, n_gpu_layers, load_time, template_source)
+        self._metadata = self._model.describe(
+            settings, n_ctx=self._n_ctx, parallel=self._parallel, load_time_s=time.perf_counter() - started
+        )
         self._timeout_s = settings.request_timeout_s
 
         # Batch arrays are reached through cached pointers: each attribute read of a ctypes field builds a new object.
@@ -129,8 +127,7 @@ class BatchedLlamaEngine:
         self._batch_seq_id = [self._batch.seq_id[i] for i in range(self._n_batch)]
         for i in range(self._n_batch):
             self._batch_n_seq_id[i] = 1
-        #: token -> (bytes it renders to, whether it ends generation); filled lazily, the vocabulary is fixed.
-        self.pieces = TokenPieces(self._vocab)
+        self.pieces = self._model.pieces
 
         self._inbox: queue.SimpleQueue[tuple[GenerationJob, TokenSink] | None] = queue.SimpleQueue()
         self._waiting: deque[tuple[GenerationJob, TokenSink]] = deque()
@@ -149,15 +146,10 @@ class BatchedLlamaEngine:
     # --- tokens ---------------------------------------------------------------------------------------------
 
     def tokenize(self, text: str) -> list[int]:
-        tokens: list[int] = self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=False)
-        return tokens
+        return self._model.tokenize(text)
 
     def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        conversation: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
-        rendered = self._chat_formatter(messages=conversation)
-        # The template writes the special tokens (BOS included) itself, so none are added here.
-        tokens: list[int] = self._llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
-        return tokens
+        return self._model.tokenize_chat(messages)
 
     # --- jobs -----------------------------------------------------------------------------------------------
 
@@ -180,7 +172,7 @@ class BatchedLlamaEngine:
         llama_cpp.llama_batch_free(self._batch)
         llama_cpp.llama_free(self._ctx)
         self._ctx = None
-        self._llama.close()
+        self._model.close()
 
     # --- the engine thread ----------------------------------------------------------------------------------
 
@@ -406,7 +398,7 @@ class BatchedLlamaEngine:
         params.no_perf = True
         ctx = llama_cpp.llama_init_from_model(self._llama.model, params)
         if not ctx:
-            self._llama.close()
+            self._model.close()
             raise ModelLoadError(
                 f"llama.cpp could not create a context for {path} with n_ctx={settings.n_ctx} and "
                 f"{self._parallel} parallel sequences (out of memory?)"
@@ -431,46 +423,3 @@ class BatchedLlamaEngine:
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
         return chain
-
-    def _make_chat_formatter(self) -> tuple[llama_chat_format.Jinja2ChatFormatter, str]:
-        template = self._llama.metadata.get("tokenizer.chat_template")
-        source = "gguf"
-        if not template:
-            template, source = FALLBACK_CHAT_TEMPLATE, "fallback:chatml"
-        formatter = llama_chat_format.Jinja2ChatFormatter(
-            template=template,
-            eos_token=self._special_token_text(self._llama.token_eos()),
-            bos_token=self._special_token_text(self._llama.token_bos()),
-            add_generation_prompt=True,
-        )
-        return formatter, source
-
-    def _special_token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return bytes(self._llama.detokenize([token], special=True)).decode("utf-8", errors="replace")
-
-    def _describe(
-        self, path: Path, settings: Settings, n_gpu_layers: int, load_time: float, template_source: str
-    ) -> ModelMetadata:
-        meta: dict[str, Any] = self._llama.metadata
-        file_type = int(meta.get("general.file_type", -1))
-        return ModelMetadata(
-            name=display_name(path),
-            path=str(path),
-            architecture=str(meta.get("general.architecture", "unknown")),
-            parameters=int(llama_cpp.llama_model_n_params(self._llama.model)),
-            file_size_bytes=path.stat().st_size,
-            quantization=FILE_TYPES.get(file_type, f"unknown (file_type {file_type})"),
-            n_ctx=self._n_ctx,
-            n_ctx_train=int(llama_cpp.llama_model_n_ctx_train(self._llama.model)),
-            n_threads=settings.n_threads,
-            n_gpu_layers=n_gpu_layers,
-            device="gpu" if n_gpu_layers != 0 else "cpu",
-            has_chat_template=template_source == "gguf",
-            chat_template_source=template_source,
-            vocab_size=int(self._llama.n_vocab()),
-            llama_cpp_python_version=str(llama_cpp.__version__),
-            load_time_s=round(load_time, 3),
-            parallel=self._parallel,
-        )

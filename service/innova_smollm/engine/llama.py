@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import queue
@@ -105,19 +106,90 @@ class TokenPieces:
             size = -written
 
 
+class GGUFModel:
+    """A GGUF file opened for what every engine needs besides decoding: tokens, the chat template, a description.
+
+    ``n_ctx`` sizes the llama context that ``llama_cpp.Llama`` creates with the model: the engine that decodes
+    through it asks for the real window; an engine with a context of its own asks for a tiny one.
+    """
+
+    def __init__(self, path: Path, settings: Settings, *, n_ctx: int) -> None:
+        check_model_file(path)
+        started = time.perf_counter()
+        self.path = path
+        self.llama, self.n_gpu_layers = open_model(path, dataclasses.replace(settings, n_ctx=n_ctx))
+        self.open_s = time.perf_counter() - started
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
+        #: token -> (bytes it renders to, whether it ends generation); the vocabulary is fixed.
+        self.pieces = TokenPieces(self.vocab)
+        self._chat_formatter, self.template_source = self._make_chat_formatter()
+
+    def tokenize(self, text: str) -> list[int]:
+        tokens: list[int] = self.llama.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        return tokens
+
+    def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        conversation: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
+        rendered = self._chat_formatter(messages=conversation)
+        # The template writes the special tokens (BOS included) itself, so none are added here.
+        tokens: list[int] = self.llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
+        return tokens
+
+    def describe(self, settings: Settings, *, n_ctx: int, parallel: int, load_time_s: float) -> ModelMetadata:
+        meta: dict[str, Any] = self.llama.metadata
+        file_type = int(meta.get("general.file_type", -1))
+        return ModelMetadata(
+            name=display_name(self.path),
+            path=str(self.path),
+            architecture=str(meta.get("general.architecture", "unknown")),
+            parameters=int(llama_cpp.llama_model_n_params(self.llama.model)),
+            file_size_bytes=self.path.stat().st_size,
+            quantization=FILE_TYPES.get(file_type, f"unknown (file_type {file_type})"),
+            n_ctx=n_ctx,
+            n_ctx_train=int(llama_cpp.llama_model_n_ctx_train(self.llama.model)),
+            n_threads=settings.n_threads,
+            n_gpu_layers=self.n_gpu_layers,
+            device="gpu" if self.n_gpu_layers != 0 else "cpu",
+            has_chat_template=self.template_source == "gguf",
+            chat_template_source=self.template_source,
+            vocab_size=int(self.llama.n_vocab()),
+            llama_cpp_python_version=str(llama_cpp.__version__),
+            load_time_s=round(load_time_s, 3),
+            parallel=parallel,
+        )
+
+    def close(self) -> None:
+        self.llama.close()
+
+    def _make_chat_formatter(self) -> tuple[llama_chat_format.Jinja2ChatFormatter, str]:
+        template = self.llama.metadata.get("tokenizer.chat_template")
+        source = "gguf"
+        if not template:
+            template, source = FALLBACK_CHAT_TEMPLATE, "fallback:chatml"
+        formatter = llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=self._special_token_text(self.llama.token_eos()),
+            bos_token=self._special_token_text(self.llama.token_bos()),
+            add_generation_prompt=True,
+        )
+        return formatter, source
+
+    def _special_token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return bytes(self.llama.detokenize([token], special=True)).decode("utf-8", errors="replace")
+
+
 class LlamaEngine:
     """A loaded GGUF model served by one worker thread, one request at a time."""
 
     def __init__(self, settings: Settings) -> None:
-        path = settings.model_path
-        check_model_file(path)
-        started = time.perf_counter()
-        self._llama, n_gpu_layers = open_model(path, settings)
-        load_time = time.perf_counter() - started
-        self._chat_formatter, template_source = self._make_chat_formatter()
-        self._vocab = llama_cpp.llama_model_get_vocab(self._llama.model)
-        self.pieces = TokenPieces(self._vocab)
-        self._metadata = self._describe(path, settings, n_gpu_layers, load_time, template_source)
+        self._model = GGUFModel(settings.model_path, settings, n_ctx=settings.n_ctx)
+        self._llama = self._model.llama
+        self.pieces = self._model.pieces
+        self._metadata = self._model.describe(
+            settings, n_ctx=int(self._llama.n_ctx()), parallel=1, load_time_s=self._model.open_s
+        )
         self._timeout_s = settings.request_timeout_s
         self._jobs: queue.SimpleQueue[tuple[GenerationJob, TokenSink] | None] = queue.SimpleQueue()
         self._closed = False
@@ -133,15 +205,10 @@ class LlamaEngine:
     # --- tokens ---------------------------------------------------------------------------------------------
 
     def tokenize(self, text: str) -> list[int]:
-        tokens: list[int] = self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=False)
-        return tokens
+        return self._model.tokenize(text)
 
     def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        conversation: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
-        rendered = self._chat_formatter(messages=conversation)
-        # The template writes the special tokens (BOS included) itself, so none are added here.
-        tokens: list[int] = self._llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
-        return tokens
+        return self._model.tokenize_chat(messages)
 
     # --- jobs -----------------------------------------------------------------------------------------------
 
@@ -157,7 +224,7 @@ class LlamaEngine:
         self._closed = True
         self._jobs.put(None)
         self._worker.join(timeout=30)
-        self._llama.close()
+        self._model.close()
 
     def _serve(self) -> None:
         while True:
@@ -224,52 +291,6 @@ class LlamaEngine:
             sink.text(tail)
         self.last_finish = JobFinish(job.job_id, reason, produced)
         sink.finished(reason, produced)
-
-    # --- description ----------------------------------------------------------------------------------------
-
-    def _make_chat_formatter(self) -> tuple[llama_chat_format.Jinja2ChatFormatter, str]:
-        template = self._llama.metadata.get("tokenizer.chat_template")
-        source = "gguf"
-        if not template:
-            template, source = FALLBACK_CHAT_TEMPLATE, "fallback:chatml"
-        eos, bos = self._llama.token_eos(), self._llama.token_bos()
-        formatter = llama_chat_format.Jinja2ChatFormatter(
-            template=template,
-            eos_token=self._token_text(eos),
-            bos_token=self._token_text(bos),
-            add_generation_prompt=True,
-        )
-        return formatter, source
-
-    def _token_text(self, token: int) -> str:
-        if token < 0:
-            return ""
-        return bytes(self._llama.detokenize([token], special=True)).decode("utf-8", errors="replace")
-
-    def _describe(
-        self, path: Path, settings: Settings, n_gpu_layers: int, load_time: float, template_source: str
-    ) -> ModelMetadata:
-        meta: dict[str, Any] = self._llama.metadata
-        file_type = int(meta.get("general.file_type", -1))
-        return ModelMetadata(
-            name=display_name(path),
-            path=str(path),
-            architecture=str(meta.get("general.architecture", "unknown")),
-            parameters=int(llama_cpp.llama_model_n_params(self._llama.model)),
-            file_size_bytes=path.stat().st_size,
-            quantization=FILE_TYPES.get(file_type, f"unknown (file_type {file_type})"),
-            n_ctx=int(self._llama.n_ctx()),
-            n_ctx_train=int(llama_cpp.llama_model_n_ctx_train(self._llama.model)),
-            n_threads=settings.n_threads,
-            n_gpu_layers=n_gpu_layers,
-            device="gpu" if n_gpu_layers != 0 else "cpu",
-            has_chat_template=template_source == "gguf",
-            chat_template_source=template_source,
-            vocab_size=int(self._llama.n_vocab()),
-            llama_cpp_python_version=str(llama_cpp.__version__),
-            load_time_s=round(load_time, 3),
-            parallel=1,
-        )
 
 
 def open_model(path: Path, settings: Settings) -> tuple[llama_cpp.Llama, int]:
