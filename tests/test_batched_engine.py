@@ -34,7 +34,6 @@ from innova_smollm.engine.batched import BatchedLlamaEngine  # noqa: E402
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason=f"{MODEL} is missing (scripts/fetch_model.py fetches it)")
 
 PROMPTS = (
     "What is the capital of France?",
@@ -114,6 +113,8 @@ def _settings(**overrides: object) -> Settings:
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[BatchedLlamaEngine]:
+    if not MODEL.is_file():
+        pytest.fail(f"{MODEL} is missing: run `python3 scripts/fetch_model.py` (scripts/dev does it)")
     loaded = BatchedLlamaEngine(_settings())
     yield loaded
     loaded.close()
