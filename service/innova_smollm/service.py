@@ -130,7 +130,7 @@ class _Collector:
             self.first_token_at = time.monotonic()
         self.parts.append(chunk)
 
-    def outcome(self, reason: FinishReason, completion_tokens: int, source: Source | None = None) -> Outcome:
+    def outcome(self, reason: FinishReason, completion_tokens: int) -> Outcome:
         now = time.monotonic()
         arrived = self.prepared.arrived_at
         return Outcome(
@@ -138,7 +138,7 @@ class _Collector:
             finish_reason=reason,
             prompt_tokens=self.prepared.prompt_tokens,
             completion_tokens=completion_tokens,
-            source=source or self.prepared.source,
+            source=self.prepared.source,
             fallback_reason=self.prepared.fallback_reason,
             queue_s=self.queue_s,
             first_token_s=None if self.first_token_at is None else self.first_token_at - arrived,
@@ -380,11 +380,9 @@ class SmolLMService:
         answered = False
         try:
             if prepared.job is None:
-                collector = _Collector(prepared)
-                collector.on_text(prepared.echo_text)
                 yield prepared.echo_text
                 answered = True
-                yield self._observed(collector.outcome(FinishReason.STOP, len(prepared.echo_text.split())))
+                yield self._echo_outcome(prepared)
                 return
             sink = AsyncSink(asyncio.get_running_loop())
             assert self._engine is not None
@@ -425,10 +423,9 @@ class SmolLMService:
         ticket = self.admit()
         sink = BlockingSink()
         try:
-            collector = _Collector(prepared)
             if prepared.job is None:
-                collector.on_text(prepared.echo_text)
-                return self._observed(collector.outcome(FinishReason.STOP, len(prepared.echo_text.split())))
+                return self._echo_outcome(prepared)
+            collector = _Collector(prepared)
             assert self._engine is not None
             self._engine.submit(prepared.job, sink)
             while True:
@@ -470,14 +467,18 @@ class SmolLMService:
             fallback = Prepared(
                 source=Source.ECHO_FALLBACK,
                 prompt_tokens=prepared.prompt_tokens,
-                echo_text="",
+                echo_text=prepared.echo_text,
                 fallback_reason=message,
                 arrived_at=prepared.arrived_at,
             )
-            echo = _Collector(fallback)
-            echo.on_text(prepared.echo_text)
-            return self._observed(echo.outcome(FinishReason.STOP, len(prepared.echo_text.split())))
+            return self._echo_outcome(fallback)
         raise GenerationError(message)
+
+    def _echo_outcome(self, prepared: Prepared) -> Outcome:
+        """The whole answer of the echo provider or fallback: the text it repeats (its words count as tokens)."""
+        collector = _Collector(prepared)
+        collector.on_text(prepared.echo_text)
+        return self._observed(collector.outcome(FinishReason.STOP, len(prepared.echo_text.split())))
 
     def _observed(self, outcome: Outcome) -> Outcome:
         self._observer.on_outcome(outcome)
