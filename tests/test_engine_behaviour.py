@@ -15,7 +15,7 @@ import requests
 from innova_smollm.engine.llama import LlamaEngine
 from innova_smollm.generation import Engine, GenerationJob
 from innova_smollm.settings import Fallback, Provider, Settings
-from innova_smollm.sinks import BlockingSink, Started
+from innova_smollm.sinks import BlockingSink
 from tests.conftest import API, LONG_PROMPT, LiveServer, make_settings, serve_in_thread, wait_until
 
 COUNT_FOREVER = {"prompt": LONG_PROMPT, "max_tokens": 900, "temperature": 0}
@@ -233,13 +233,28 @@ def test_disabled_service_answers_503_disabled(model_path: Path) -> None:
         assert "disabled" in chat.json()["error"]["message"]
 
 
+class HoldingSink(BlockingSink):
+    """A job's sink that keeps the engine thread inside started() until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def started(self) -> None:
+        self.holding.set()
+        self.release.wait(timeout=60)
+        super().started()
+
+
 def test_a_request_waiting_past_its_timeout_gets_503(engine: LlamaEngine, model_path: Path) -> None:
     settings = make_settings(model_path, request_timeout_s=1.0, max_queue=2)
     with serve_in_thread(settings, engine=engine) as server:
-        # Keep the engine busy with a job from another client of the same engine that has no deadline.
-        busy = BlockingSink()
+        # Keep the engine busy, however fast it decodes: another client's job holds the engine thread in its
+        # started() callback until the test releases it.
+        busy = HoldingSink()
         engine.submit(GenerationJob(prompt_tokens=tuple(engine.tokenize(LONG_PROMPT)), max_tokens=900), busy)
-        assert isinstance(busy.get(timeout=30), Started)
+        assert busy.holding.wait(timeout=30)
         try:
             waited = server.post(f"{API}/generate", json={"prompt": "Hi", "max_tokens": 2})
             assert waited.status_code == 503
@@ -248,6 +263,7 @@ def test_a_request_waiting_past_its_timeout_gets_503(engine: LlamaEngine, model_
             assert waited.headers["Retry-After"]
         finally:
             busy.cancel()
+            busy.release.set()
         assert wait_until(lambda: in_flight(server) == 0, timeout=30)
 
 
