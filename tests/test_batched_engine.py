@@ -13,6 +13,12 @@ near-ties, e.g. the capital-of-France prompt ("L" 25.10 vs "The" 24.86) and late
   logits are identical; the first decode steps rarely meet a near-tie), for each prompt in turn.
 Batches are made deterministic by holding the engine thread in the first job's ``started`` callback until the other
 jobs are queued, so all four are admitted in the same step.
+
+Flash attention: these engines run with it on (``SMOLLM_FLASH_ATTN=on``), which computes each query row's attention
+on its own, so the only batch effect left is in the weight products and a mistake of ours in positions, sequence
+ids or cache cells shows up as a real difference. The CPU default is off (it decodes up to twice as fast here);
+then the attention product is batched too, answers flip at near-ties a few tokens earlier, and
+``test_with_default_cpu_attention_a_batch_answers_like_alone`` checks that configuration with a shorter prefix.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import pytest
 
 from innova_smollm.errors import ContextLengthExceededError, NotReadyError, RequestTimeoutError
 from innova_smollm.generation import ChatMessage, FinishReason, GenerationJob, SamplingParams
-from innova_smollm.settings import Settings
+from innova_smollm.settings import FlashAttention, Settings
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -106,7 +112,13 @@ class RecordingSink:
 
 
 def _settings(**overrides: object) -> Settings:
-    values: dict[str, object] = {"model_path": MODEL, "n_threads": 2, "n_ctx": 2048, "parallel": 4}
+    values: dict[str, object] = {
+        "model_path": MODEL,
+        "n_threads": 2,
+        "n_ctx": 2048,
+        "parallel": 4,
+        "flash_attn": FlashAttention.ON,
+    }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
 
@@ -115,7 +127,9 @@ def _settings(**overrides: object) -> Settings:
 def engine() -> Iterator[BatchedLlamaEngine]:
     if not MODEL.is_file():
         pytest.fail(f"{MODEL} is missing: run `python3 scripts/fetch_model.py` (scripts/dev does it)")
-    loaded = BatchedLlamaEngine(_settings())
+    # Without the prompt cache every run prefills its whole prompt, so the batch shapes the exact comparisons
+    # below depend on do not change with what ran before; the cache has its own tests at the end.
+    loaded = BatchedLlamaEngine(_settings(prompt_cache=False))
     yield loaded
     loaded.close()
 
@@ -317,5 +331,119 @@ def test_load_engine_picks_the_batched_engine_for_parallel_above_one() -> None:
     try:
         assert isinstance(loaded, BatchedLlamaEngine)
         assert loaded.metadata.parallel == 2
+    finally:
+        loaded.close()
+
+
+# --- the prompt cache -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cached() -> Iterator[BatchedLlamaEngine]:
+    loaded = BatchedLlamaEngine(_settings(prompt_cache=True, parallel=2, n_ctx=1024))
+    yield loaded
+    loaded.close()
+
+
+class PrefillCount:
+    """Prompt tokens the engine took from its cache and decoded, from now on."""
+
+    def __init__(self, engine: BatchedLlamaEngine) -> None:
+        self._engine = engine
+        self._reused, self._prefilled = engine.prompt_tokens_reused, engine.prompt_tokens_prefilled
+
+    @property
+    def reused(self) -> int:
+        return self._engine.prompt_tokens_reused - self._reused
+
+    @property
+    def prefilled(self) -> int:
+        return self._engine.prompt_tokens_prefilled - self._prefilled
+
+
+def _cells_add_up(engine: BatchedLlamaEngine) -> bool:
+    """With nothing running, every cell is either free or held by an idle sequence's cached tokens."""
+    held = sum(len(tokens) for tokens in engine._idle.values())
+    return not engine._running and engine._free_cells + held == engine.metadata.n_ctx
+
+
+def test_a_repeated_prompt_decodes_only_its_last_token(cached: BatchedLlamaEngine) -> None:
+    job = _job(cached, PROMPTS[1])
+    first = _run(cached, [job])[0]
+    count = PrefillCount(cached)
+    again = _run(cached, [_job(cached, PROMPTS[1])])[0]
+    assert (count.reused, count.prefilled) == (len(job.prompt_tokens) - 1, 1)
+    # The last prompt token is decoded alone instead of at the end of a prefill batch: other kernels (module
+    # docstring), so the answers agree over their first words rather than token for token.
+    assert _common_prefix(again.answer, first.answer) >= min(AGREED_PREFIX_CHARS, len(first.answer))
+    assert _cells_add_up(cached)
+
+
+def test_a_new_question_reuses_the_shared_template_prefix(cached: BatchedLlamaEngine) -> None:
+    _run(cached, [_job(cached, PROMPTS[0])])
+    asked = _job(cached, PROMPTS[3])
+    shared = _common_prefix(_job(cached, PROMPTS[0]).prompt_tokens, asked.prompt_tokens)
+    assert shared > 5, "the chat template should give both prompts a common start"
+    count = PrefillCount(cached)
+    answer = _run(cached, [asked])[0]
+    assert (count.reused, count.prefilled) == (shared, len(asked.prompt_tokens) - shared)
+    assert answer.error is None and answer.answer.strip()
+
+
+def test_a_follow_up_turn_decodes_only_the_new_message(cached: BatchedLlamaEngine) -> None:
+    question = [ChatMessage(role="user", content="Name a fruit.")]
+    turn_one = GenerationJob(prompt_tokens=tuple(cached.tokenize_chat(question)), max_tokens=32, sampling=GREEDY)
+    reply = _run(cached, [turn_one])[0].answer
+    conversation = [*question, ChatMessage(role="assistant", content=reply), ChatMessage(role="user", content="Why?")]
+    turn_two = GenerationJob(prompt_tokens=tuple(cached.tokenize_chat(conversation)), max_tokens=8, sampling=GREEDY)
+    count = PrefillCount(cached)
+    assert _run(cached, [turn_two])[0].error is None
+    assert count.reused >= len(turn_one.prompt_tokens)
+    assert count.prefilled < len(turn_two.prompt_tokens) - len(turn_one.prompt_tokens)
+
+
+def test_cached_cells_give_way_to_a_job_that_needs_them(cached: BatchedLlamaEngine) -> None:
+    _run_together(cached, [_job(cached, PROMPTS[0]), _job(cached, PROMPTS[2])])
+    assert all(cached._idle.values()), "both idle sequences should hold cached tokens now"
+    # This job needs every cell of the window: it must not wait behind idle caches.
+    whole = _job(cached, PROMPTS[3])
+    whole = _job(cached, PROMPTS[3], max_tokens=cached.metadata.n_ctx - len(whole.prompt_tokens))
+    sink = _run(cached, [whole])[0]
+    assert sink.error is None and sink.reason is FinishReason.STOP
+    assert _cells_add_up(cached)
+
+
+def test_batch_mates_served_from_the_cache_repeat_exactly(cached: BatchedLlamaEngine) -> None:
+    # From the second round on, both sequences find their whole prompt cached and decode the same shapes, so the
+    # answers must repeat token for token; a stale or misplaced cell would make them drift.
+    rounds = [_run_together(cached, [_job(cached, prompt) for prompt in PROMPTS[:2]]) for _ in range(3)]
+    for sinks in rounds:
+        assert all(sink.error is None and sink.answer.strip() for sink in sinks)
+    assert [sink.answer for sink in rounds[1]] == [sink.answer for sink in rounds[2]]
+    assert _cells_add_up(cached)
+
+
+def test_without_the_prompt_cache_every_prompt_is_decoded_whole(engine: BatchedLlamaEngine) -> None:
+    job = _job(engine, PROMPTS[1], max_tokens=4)
+    count = PrefillCount(engine)
+    _run(engine, [job, job])
+    assert (count.reused, count.prefilled) == (0, 2 * len(job.prompt_tokens))
+    assert _cells_add_up(engine) and not any(engine._idle.values())
+
+
+#: With batched attention products (flash attention off) the alone and batched answers still agree this far.
+AGREED_PREFIX_CHARS_BATCHED_ATTENTION = 8
+
+
+def test_with_default_cpu_attention_a_batch_answers_like_alone() -> None:
+    loaded = BatchedLlamaEngine(_settings(flash_attn=FlashAttention.AUTO, prompt_cache=False))
+    try:
+        assert loaded.metadata.flash_attn is False
+        alone_answers = [_run(loaded, [_job(loaded, prompt)])[0].answer for prompt in PROMPTS]
+        together = _run_together(loaded, [_job(loaded, prompt) for prompt in PROMPTS])
+        for sink, alone_answer in zip(together, alone_answers, strict=True):
+            assert sink.error is None and sink.reason in (FinishReason.STOP, FinishReason.LENGTH)
+            agreed = _common_prefix(sink.answer, alone_answer)
+            assert agreed >= min(AGREED_PREFIX_CHARS_BATCHED_ATTENTION, len(alone_answer)), (sink.answer, alone_answer)
     finally:
         loaded.close()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from innova_smollm.errors import SettingsError
-from innova_smollm.settings import DEFAULT_MODEL_PATH, Fallback, Provider, Settings
+from innova_smollm.settings import DEFAULT_MODEL_PATH, Fallback, FlashAttention, Provider, Settings
 
 
 def test_defaults_follow_the_contract(tmp_path: Path) -> None:
@@ -41,6 +41,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
             "PORT": "18080",
             "SMOLLM_API_KEYS": "0123456789abcdef, fedcba9876543210",
             "SMOLLM_LOG_CONTENT": "yes",
+            "SMOLLM_FLASH_ATTN": "On",
         }
     )
     assert settings.enabled is False
@@ -53,6 +54,23 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
     assert (settings.host, settings.port) == ("::1", 18080)
     assert settings.api_keys == ("0123456789abcdef", "fedcba9876543210")
     assert settings.log_content is True
+    assert settings.flash_attn is FlashAttention.ON
+
+
+@pytest.mark.parametrize(
+    ("value", "offloaded_layers", "expected"),
+    [
+        ("auto", 0, False),
+        ("auto", -1, True),
+        ("auto", 12, True),
+        ("on", 0, True),
+        ("off", 0, False),
+        ("off", -1, False),
+    ],
+)
+def test_flash_attention_is_off_on_the_cpu_unless_asked(value: str, offloaded_layers: int, expected: bool) -> None:
+    settings = Settings.from_env({"SMOLLM_FLASH_ATTN": value})
+    assert settings.flash_attention_for(offloaded_layers) is expected
 
 
 def test_relative_model_paths_resolve_from_the_backend_root(tmp_path: Path) -> None:
@@ -72,6 +90,7 @@ def test_relative_model_paths_resolve_from_the_backend_root(tmp_path: Path) -> N
         ({"SMOLLM_REQUEST_TIMEOUT_S": "inf"}, ["SMOLLM_REQUEST_TIMEOUT_S"]),
         ({"SMOLLM_REQUEST_TIMEOUT_S": "nan"}, ["SMOLLM_REQUEST_TIMEOUT_S"]),
         ({"SMOLLM_FALLBACK": "retry"}, ["SMOLLM_FALLBACK", "none | echo"]),
+        ({"SMOLLM_FLASH_ATTN": "yes"}, ["SMOLLM_FLASH_ATTN", "auto | on | off"]),
         ({"PORT": "70000"}, ["PORT", "65535"]),
         ({"HOST": "a b"}, ["HOST"]),
         ({"SMOLLM_API_KEYS": "short"}, ["SMOLLM_API_KEYS", "16 characters"]),

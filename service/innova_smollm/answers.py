@@ -56,6 +56,7 @@ def service_info(service: SmolLMService) -> Info:
         vocab_size=meta.vocab_size if meta else None,
         llama_cpp_python_version=meta.llama_cpp_python_version if meta else None,
         load_time_s=meta.load_time_s if meta else None,
+        flash_attn=meta.flash_attn if meta else None,
         parallel=settings.parallel,
         max_queue=settings.max_queue,
         max_tokens=settings.max_tokens,

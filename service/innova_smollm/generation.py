@@ -107,6 +107,7 @@ class ModelMetadata:
     llama_cpp_python_version: str
     load_time_s: float
     parallel: int
+    flash_attn: bool
 
 
 class Engine(Protocol):

@@ -171,6 +171,7 @@ class Info(msgspec.Struct, kw_only=True):
     vocab_size: int | None
     llama_cpp_python_version: str | None
     load_time_s: float | None
+    flash_attn: Annotated[bool | None, Meta(description="Whether llama.cpp uses flash attention (SMOLLM_FLASH_ATTN).")]
     parallel: Annotated[int, Meta(description="SMOLLM_PARALLEL: sequences decoded together.")]
     max_queue: Annotated[int, Meta(description="SMOLLM_MAX_QUEUE: requests allowed to wait.")]
     max_tokens: Annotated[int, Meta(description="SMOLLM_MAX_TOKENS: server cap on max_tokens.")]

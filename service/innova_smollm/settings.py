@@ -34,6 +34,14 @@ class Fallback(StrEnum):
     ECHO = "echo"
 
 
+class FlashAttention(StrEnum):
+    #: On when layers are offloaded to a GPU, off on the CPU: llama.cpp's CPU flash-attention kernel measured half
+    #: the decode speed of the plain one at 800 tokens of context on the reference box (issue 6 notes).
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     enabled: bool = True
@@ -43,10 +51,14 @@ class Settings:
     n_ctx: int = 4096
     n_threads: int = 1
     n_gpu_layers: int = 0
+    flash_attn: FlashAttention = FlashAttention.AUTO
     max_tokens: int = 1024
     max_queue: int = 8
     #: How many requests decode together in one llama.cpp batch. 1 serves requests strictly one after another.
     parallel: int = 1
+    #: Keep each finished sequence's tokens in the KV cache so a prompt sharing its prefix is not decoded again
+    #: (batched engine; the one-at-a-time engine always reuses the previous prompt's prefix).
+    prompt_cache: bool = True
     request_timeout_s: float = 300.0
     fallback: Fallback = Fallback.NONE
     host: str = "127.0.0.1"
@@ -71,6 +83,12 @@ class Settings:
     def model_name(self) -> str:
         return display_name(self.model_path)
 
+    def flash_attention_for(self, n_gpu_layers: int) -> bool:
+        """Whether llama.cpp should use flash attention once ``n_gpu_layers`` layers are actually offloaded."""
+        if self.flash_attn is FlashAttention.AUTO:
+            return n_gpu_layers != 0
+        return self.flash_attn is FlashAttention.ON
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = _Env(os.environ if environ is None else environ)
@@ -91,9 +109,11 @@ class Settings:
             n_ctx=env.integer("SMOLLM_N_CTX", 4096, minimum=64),
             n_threads=env.integer("SMOLLM_N_THREADS", _usable_cpu_count(), minimum=1),
             n_gpu_layers=env.integer("SMOLLM_N_GPU_LAYERS", 0, minimum=-1),
+            flash_attn=env.choice("SMOLLM_FLASH_ATTN", FlashAttention, FlashAttention.AUTO),
             max_tokens=env.integer("SMOLLM_MAX_TOKENS", 1024, minimum=1),
             max_queue=env.integer("SMOLLM_MAX_QUEUE", 8, minimum=0),
             parallel=env.integer("SMOLLM_PARALLEL", 1, minimum=1, maximum=64),
+            prompt_cache=env.boolean("SMOLLM_PROMPT_CACHE", True),
             request_timeout_s=env.number("SMOLLM_REQUEST_TIMEOUT_S", 300.0, minimum=0.1),
             fallback=env.choice("SMOLLM_FALLBACK", Fallback, Fallback.NONE),
             host=env.host("HOST", "127.0.0.1"),

@@ -14,6 +14,12 @@ instead divides ``n_ctx`` by its slot count, llama.cpp#11681), and short request
 A long job waits (first come, first served) until enough cells are free, so it can never run out of room midway.
 Why unified rather than one stream per sequence: with separate streams llama.cpp splits a batch into equal-length
 parts per sequence, which turns a prompt chunk decoded beside single generating tokens into many tiny ubatches.
+
+Prompt cache: a sequence that ends keeps its cells (prompt and answer) in the cache, held by its now idle sequence
+id. A new job takes the idle id whose tokens share the longest prefix with its prompt, trims the rest and prefills
+only what differs: the chat template's system prompt, and in a multi-turn chat the whole earlier conversation, are
+not decoded again. Idle cells count against the free cells, and the least recently used are dropped as soon as a
+job needs room, so the cache never delays a job. ``SMOLLM_PROMPT_CACHE=false`` turns it off.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ class _Running:
     __slots__ = (
         "assembler",
         "batch_index",
+        "fed",
         "job",
         "last_token",
         "position",
@@ -90,6 +97,8 @@ class _Running:
         #: Position of the next token this sequence puts in the KV cache.
         self.position = 0
         self.produced = 0
+        #: Generated tokens put into the KV cache so far (all but the last sampled one); kept for the prompt cache.
+        self.fed: list[int] = []
         self.last_token = -1
         #: Row of this sequence's logits in the current batch, or -1 when it has no output this step.
         self.batch_index = -1
@@ -132,8 +141,14 @@ class BatchedLlamaEngine:
         self._inbox: queue.SimpleQueue[tuple[GenerationJob, TokenSink] | None] = queue.SimpleQueue()
         self._waiting: deque[tuple[GenerationJob, TokenSink]] = deque()
         self._running: dict[int, _Running] = {}  # by seq id, in admission order
-        self._free_seq_ids = list(range(self._parallel - 1, -1, -1))
+        #: Sequence ids not running, least recently used first, each with the tokens its KV cells still hold.
+        self._idle: dict[int, list[int]] = {seq_id: [] for seq_id in range(self._parallel)}
+        self._prompt_cache = settings.prompt_cache
+        #: Cells neither reserved by a running job nor held by an idle sequence's cached tokens.
         self._free_cells = self._n_ctx
+        #: Prompt tokens taken from the cache and prompt tokens decoded, since start (diagnostics, /metrics).
+        self.prompt_tokens_reused = 0
+        self.prompt_tokens_prefilled = 0
         self._stopping = False
         self._closed = False
         self._worker = threading.Thread(target=self._serve, name="llama-batched-engine", daemon=True)
@@ -219,30 +234,73 @@ class BatchedLlamaEngine:
 
     def _admit(self) -> None:
         """Start waiting jobs, first come first served, while a sequence id and enough KV cells are free."""
-        while self._waiting and self._free_seq_ids:
+        while self._waiting and self._idle:
             job, sink = self._waiting[0]
-            needed = len(job.prompt_tokens) + job.max_tokens
-            if needed > self._n_ctx or not job.prompt_tokens:
+            prompt = job.prompt_tokens
+            needed = len(prompt) + job.max_tokens
+            if needed > self._n_ctx or not prompt:
                 self._waiting.popleft()
                 # The service checks this before submitting; this guards the KV cache against any other caller.
                 self._notify_failed(
                     sink,
-                    ContextLengthExceededError(
-                        prompt_tokens=len(job.prompt_tokens), max_tokens=job.max_tokens, n_ctx=self._n_ctx
-                    ),
+                    ContextLengthExceededError(prompt_tokens=len(prompt), max_tokens=job.max_tokens, n_ctx=self._n_ctx),
                 )
                 continue
-            if needed > self._free_cells:
-                return  # the head waits for cells; later jobs wait behind it so a long job is never starved
+            seq_id, reusable = self._pick_sequence(prompt)
+            if needed > self._free_cells + len(self._idle[seq_id]):
+                self._drop_idle_caches(keep=seq_id, until_free=needed - len(self._idle[seq_id]))
+                if needed > self._free_cells + len(self._idle[seq_id]):
+                    return  # the head waits for cells; later jobs wait behind it so a long job is never starved
             self._waiting.popleft()
-            seq_id = self._free_seq_ids.pop()
+            cached = self._idle.pop(seq_id)
+            reused = self._trim(seq_id, keep=reusable) if cached else 0
+            # The sequence's cached cells become part of this job's reservation.
+            self._free_cells += len(cached) - needed
             running = _Running(job, sink, seq_id, self._new_sampler(job))
-            self._free_cells -= running.reserved_cells
+            running.prefilled = running.position = reused
+            self.prompt_tokens_reused += reused
+            self.prompt_tokens_prefilled += len(prompt) - reused
             self._running[seq_id] = running
             try:
                 sink.started()
             except Exception as exc:
                 self._abort(running, exc)
+
+    def _pick_sequence(self, prompt: tuple[int, ...]) -> tuple[int, int]:
+        """The idle sequence whose cached tokens share the longest prefix with ``prompt``, and how many it can reuse.
+
+        At least the prompt's last token is always decoded again: its logits choose the first answer token. Among
+        equals an empty sequence is taken before a cached one, then the least recently used, to keep useful caches.
+        """
+        best_seq, best_reuse, best_empty = -1, -1, False
+        for seq_id, cached in self._idle.items():
+            reuse = min(_common_prefix_length(cached, prompt), len(prompt) - 1)
+            empty = not cached
+            if reuse > best_reuse or (reuse == best_reuse and empty and not best_empty):
+                best_seq, best_reuse, best_empty = seq_id, reuse, empty
+        return best_seq, best_reuse
+
+    def _trim(self, seq_id: int, *, keep: int) -> int:
+        """Keep the first ``keep`` cached cells of an idle sequence, free the rest; returns how many were kept."""
+        memory = self._memory
+        # A sliding-window cache may already have dropped the oldest positions of this sequence: then the prefix
+        # is no longer whole, and a recurrent cache cannot be cut in the middle. Both start again from nothing.
+        whole = keep > 0 and llama_cpp.llama_memory_seq_pos_min(memory, seq_id) == 0
+        if whole and llama_cpp.llama_memory_seq_rm(memory, seq_id, keep, -1):
+            return keep
+        llama_cpp.llama_memory_seq_rm(memory, seq_id, -1, -1)
+        return 0
+
+    def _drop_idle_caches(self, *, keep: int, until_free: int) -> None:
+        """Free idle sequences' cached cells, least recently used first, until ``until_free`` cells are free."""
+        for seq_id, cached in self._idle.items():
+            if self._free_cells >= until_free:
+                return
+            if seq_id == keep or not cached:
+                continue
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            self._free_cells += len(cached)
+            self._idle[seq_id] = []
 
     def _step(self) -> None:
         """Check every sequence, decode one batch, and sample one token for every sequence that has logits."""
@@ -264,6 +322,7 @@ class BatchedLlamaEngine:
                 prefilling.append(running)
                 continue
             tokens[n_tokens] = running.last_token
+            running.fed.append(running.last_token)
             positions[n_tokens] = running.position
             seq_ids[n_tokens][0] = running.seq_id
             logits[n_tokens] = 1
@@ -345,20 +404,27 @@ class BatchedLlamaEngine:
             log.exception("a token sink failed while finishing job %d", running.job.job_id)
 
     def _abort(self, running: _Running, error: Exception) -> None:
-        self._release(running)
+        # After a failure the cells' content is not known: never offer them as a cached prefix.
+        self._release(running, keep_cache=False)
         if not isinstance(error, GenerationError | NotReadyError):
             log.error("job %d failed: %r", running.job.job_id, error)
             error = GenerationError(f"generation failed: {error}")
         self._notify_failed(running.sink, error)
 
-    def _release(self, running: _Running) -> None:
+    def _release(self, running: _Running, *, keep_cache: bool = True) -> None:
         if self._running.pop(running.seq_id, None) is None:
             return
-        # Removing a whole sequence never fails; its cells are free for the next step.
-        llama_cpp.llama_memory_seq_rm(self._memory, running.seq_id, -1, -1)
         llama_cpp.llama_sampler_free(running.sampler)
-        self._free_seq_ids.append(running.seq_id)
-        self._free_cells += running.reserved_cells
+        seq_id = running.seq_id
+        held: list[int] = []
+        if keep_cache and self._prompt_cache:
+            # Exactly the tokens whose cells this sequence wrote: the prompt so far and the answer tokens fed back.
+            held = [*running.job.prompt_tokens[: running.prefilled], *running.fed]
+        else:
+            # Removing a whole sequence never fails; its cells are free for the next step.
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        self._idle[seq_id] = held  # inserted last: the most recently used
+        self._free_cells += running.reserved_cells - len(held)
 
     def _fail_everyone(self, error: Exception) -> None:
         for running in list(self._running.values()):
@@ -395,6 +461,11 @@ class BatchedLlamaEngine:
         params.n_threads = settings.n_threads
         params.n_threads_batch = max(settings.n_threads, len(os.sched_getaffinity(0)))
         params.kv_unified = True
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if settings.flash_attention_for(self._model.n_gpu_layers)
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
         params.no_perf = True
         ctx = llama_cpp.llama_init_from_model(self._llama.model, params)
         if not ctx:
@@ -423,3 +494,11 @@ class BatchedLlamaEngine:
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
         return chain
+
+
+def _common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
+    length = min(len(first), len(second))
+    for index in range(length):
+        if first[index] != second[index]:
+            return index
+    return length

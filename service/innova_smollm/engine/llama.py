@@ -156,6 +156,7 @@ class GGUFModel:
             llama_cpp_python_version=str(llama_cpp.__version__),
             load_time_s=round(load_time_s, 3),
             parallel=parallel,
+            flash_attn=settings.flash_attention_for(self.n_gpu_layers),
         )
 
     def close(self) -> None:
@@ -322,6 +323,7 @@ def _construct(path: Path, settings: Settings, n_gpu_layers: int) -> llama_cpp.L
         n_threads=settings.n_threads,
         n_threads_batch=max(settings.n_threads, len(os.sched_getaffinity(0))),
         n_gpu_layers=n_gpu_layers,
+        flash_attn=settings.flash_attention_for(n_gpu_layers),
         n_batch=min(512, settings.n_ctx),
         verbose=False,
     )
