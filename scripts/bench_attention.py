@@ -24,6 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 PREFILL_CHUNK = 400
 
 
+@llama_cpp.llama_log_callback
+def _quiet(level: int, text: bytes, user_data: Any) -> None:
+    """llama.cpp's context logs would bury the table; kept at module level so ctypes never frees it."""
+
+
 def _context(model: Any, *, unified: bool, flash: bool, sequences: int, window: int, threads: int) -> Any:
     params = llama_cpp.llama_context_default_params()
     # The same memory either way: one pool of window x sequences cells, or one window per sequence.
@@ -74,6 +79,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     llama_cpp.llama_backend_init()
+    llama_cpp.llama_log_set(_quiet, None)
     model = llama_cpp.llama_model_load_from_file(str(args.model).encode(), llama_cpp.llama_model_default_params())
     if not model:
         raise SystemExit(f"cannot load {args.model}")

@@ -1,0 +1,33 @@
+"""The benchmark scripts run end to end on the real model (tiny sizes: this checks they work, not how fast)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO_ROOT
+
+
+def test_attention_bench_prints_one_row_per_case(model_path: Path) -> None:
+    argv = [sys.executable, "scripts/bench_attention.py", "--model", str(model_path), "--steps", "4", "--rounds", "1"]
+    argv += ["--context", "8", "--context", "300", "--sequences", "2"]
+    result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 2 |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["8", "300"]
+    for row in rows:
+        rates = [float(cell) for cell in row.strip("|").split("|")[2:]]
+        assert len(rates) == 4 and all(rate > 0 for rate in rates)
+
+
+def test_side_by_side_bench_writes_its_table(model_path: Path, tmp_path: Path) -> None:
+    argv = [sys.executable, "scripts/bench.py", "--model", str(model_path), "--peers", "a,b", "--max-tokens", "8"]
+    argv += ["--concurrency", "1,2", "--single-repeats", "1", "--requests-per-client", "1", "--min-requests", "2"]
+    argv += ["--out", str(tmp_path)]
+    result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    table = (tmp_path / "latest.md").read_text()
+    assert "| (a) llama-cpp-python in process |" in table
+    assert "| (b) innova-smollm (SMOLLM_PARALLEL=4) |" in table
+    assert "cut short 0/2" in result.stdout  # every request of both levels ended with a finish_reason
