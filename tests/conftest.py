@@ -111,6 +111,19 @@ def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.05) ->
     return bool(predicate())
 
 
+def forget_cached_prompt(live: LiveServer) -> None:
+    """Leave the engine's KV cache holding nothing the next chat prompt can reuse.
+
+    The engine keeps the previous prompt in its KV cache and decodes only what differs. The same prompt sent twice is
+    decoded once as a batch of tokens and the second time as its last token alone, and llama.cpp's CPU kernels do not
+    give bit-identical logits for different batch shapes (llama-server documents the same for ``cache_prompt``), so
+    a greedy near-tie can flip between the two. A raw-text request in between (no chat template, so no shared prefix)
+    gives both requests the same work from the same state. The 2 + 2 prompt flipped this way on an AVX2-only CPU.
+    """
+    reply = live.post(f"{API}/generate", json={"prompt": "Reset.", "max_tokens": 1, "temperature": 0})
+    assert reply.status_code == 200, reply.text
+
+
 def parse_sse(raw: str) -> list[tuple[str, str]]:
     """(event, data) pairs of an SSE body."""
     events = []

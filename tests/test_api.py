@@ -7,7 +7,7 @@ import json
 import pytest
 import requests
 
-from tests.conftest import API, LONG_PROMPT, LiveServer, parse_sse
+from tests.conftest import API, LONG_PROMPT, LiveServer, forget_cached_prompt, parse_sse
 
 SEED_PAYLOAD = {
     "messages": [{"role": "user", "content": "Bonjour, que peux-tu faire pour KORYXA ?"}],
@@ -38,14 +38,21 @@ def test_chat_answers_the_seed_payload_with_model_text(live: LiveServer) -> None
 
 def test_greedy_chat_is_repeatable_and_max_tokens_is_honoured(live: LiveServer) -> None:
     payload = {"messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 5, "temperature": 0}
-    first, second = (live.post(f"{API}/chat", json=payload).json() for _ in range(2))
+    answers = []
+    for _ in range(2):
+        forget_cached_prompt(live)
+        answers.append(live.post(f"{API}/chat", json=payload).json())
+    first, second = answers
     assert first["response"] == second["response"]
     assert first["usage"]["completion_tokens"] <= 5
 
 
 def test_seeded_sampling_is_repeatable(live: LiveServer) -> None:
     payload = {"messages": [{"role": "user", "content": "Tell me a word."}], "max_tokens": 12, "seed": 42}
-    answers = {live.post(f"{API}/chat", json=payload).json()["response"] for _ in range(2)}
+    answers = set()
+    for _ in range(2):
+        forget_cached_prompt(live)
+        answers.add(live.post(f"{API}/chat", json=payload).json()["response"])
     assert len(answers) == 1
 
 
@@ -93,7 +100,9 @@ def test_streams_send_token_events_then_done(live: LiveServer, path: str, payloa
 
 def test_stream_text_equals_the_plain_answer(live: LiveServer) -> None:
     payload = {"messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 20, "temperature": 0}
+    forget_cached_prompt(live)
     plain = live.post(f"{API}/chat", json=payload).json()["response"]
+    forget_cached_prompt(live)
     events = parse_sse(live.post(f"{API}/chat", json={**payload, "stream": True}).text)
     streamed = "".join(json.loads(data)["text"] for name, data in events if name == "token")
     assert streamed == plain
