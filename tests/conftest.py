@@ -164,8 +164,11 @@ class ServiceProcess:
 
 
 @contextlib.contextmanager
-def run_service(env: Mapping[str, str], *, wait_for_port: bool = True) -> Iterator[ServiceProcess]:
-    """``innova-smollm serve`` as its own process, as systemd runs it."""
+def run_service(
+    env: Mapping[str, str], *, wait_for_port: bool = True, new_session: bool = False
+) -> Iterator[ServiceProcess]:
+    """``innova-smollm serve`` as its own process, as systemd runs it (``new_session``: in a session of its own,
+    which Linux's autogroup scheduler treats like a separate service when it shares the CPU)."""
     port = free_port()
     full_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("SMOLLM_", "ENABLE_SMOLLM", "PROVIDER"))},
@@ -180,6 +183,7 @@ def run_service(env: Mapping[str, str], *, wait_for_port: bool = True) -> Iterat
         stderr=subprocess.STDOUT,
         text=True,
         cwd=REPO_ROOT,
+        start_new_session=new_session,
     )
     service = ServiceProcess(process=process, url=f"http://127.0.0.1:{port}")
     try:

@@ -21,6 +21,7 @@ def test_defaults_follow_the_contract(tmp_path: Path) -> None:
     assert settings.fallback is Fallback.NONE
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.log_content is False
+    assert settings.adaptive_threads is True
 
 
 def test_every_variable_is_read(tmp_path: Path) -> None:
@@ -42,6 +43,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
             "SMOLLM_API_KEYS": "0123456789abcdef, fedcba9876543210",
             "SMOLLM_LOG_CONTENT": "yes",
             "SMOLLM_FLASH_ATTN": "On",
+            "SMOLLM_ADAPTIVE_THREADS": "false",
         }
     )
     assert settings.enabled is False
@@ -55,6 +57,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
     assert settings.api_keys == ("0123456789abcdef", "fedcba9876543210")
     assert settings.log_content is True
     assert settings.flash_attn is FlashAttention.ON
+    assert settings.adaptive_threads is False
 
 
 @pytest.mark.parametrize(

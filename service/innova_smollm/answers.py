@@ -49,6 +49,7 @@ def service_info(service: SmolLMService) -> Info:
         n_ctx=meta.n_ctx if meta else settings.n_ctx,
         n_ctx_train=meta.n_ctx_train if meta else None,
         n_threads=settings.n_threads,
+        decode_threads=service.engine.threads.settled() if service.engine is not None else None,
         n_gpu_layers=meta.n_gpu_layers if meta else settings.n_gpu_layers,
         device=meta.device if meta else "none",
         has_chat_template=meta.has_chat_template if meta else None,

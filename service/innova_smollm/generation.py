@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from innova_smollm.decode_threads import ThreadGovernor
+
 
 class FinishReason(StrEnum):
     STOP = "stop"  #: end of sequence token or a stop string
@@ -115,6 +117,11 @@ class Engine(Protocol):
 
     @property
     def metadata(self) -> ModelMetadata: ...
+
+    @property
+    def threads(self) -> ThreadGovernor:
+        """How many threads decode right now, and how often CPU contention changed that."""
+        ...
 
     def tokenize(self, text: str) -> list[int]:
         """Tokens of raw text, with the model's begin-of-sequence token when it uses one."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from innova_smollm.service import Outcome, SmolLMService, State
@@ -118,6 +118,7 @@ class Metrics:
             registry=self.registry,
         )
         in_flight.set_function(lambda: float(service.in_flight))
+        self.registry.register(_DecodeThreadsCollector(service))
 
     # --- the service's Observer --------------------------------------------------------------------------------
 
@@ -153,6 +154,30 @@ class Metrics:
 def _load_seconds(service: SmolLMService) -> float:
     meta = service.metadata()
     return meta.load_time_s if meta is not None else math.nan
+
+
+class _DecodeThreadsCollector(Collector):
+    """The thread governor's state: a gauge that drops under CPU contention and how often it moved."""
+
+    def __init__(self, service: SmolLMService) -> None:
+        self._service = service
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        engine = self._service.engine
+        threads = GaugeMetricFamily(
+            "smollm_decode_threads", "Threads decoding now (fewer than configured under CPU contention)."
+        )
+        moves = CounterMetricFamily(
+            "smollm_decode_thread_moves",
+            "Times the engine moved to fewer or more decode threads because that measured faster.",
+            labels=["direction"],
+        )
+        if engine is not None:
+            threads.add_metric([], engine.threads.settled())
+            for direction, count in engine.threads.moves().items():
+                moves.add_metric([direction], count)
+        yield threads
+        yield moves
 
 
 class _MemoryCollector(Collector):

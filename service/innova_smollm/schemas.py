@@ -163,7 +163,14 @@ class Info(msgspec.Struct, kw_only=True):
     quantization: str | None
     n_ctx: int
     n_ctx_train: Annotated[int | None, Meta(description="Context length the model was trained with.")]
-    n_threads: int
+    n_threads: Annotated[int, Meta(description="SMOLLM_N_THREADS: decode threads configured.")]
+    decode_threads: Annotated[
+        int | None,
+        Meta(
+            description="Decode threads in use now: fewer than n_threads while CPU contention makes that faster "
+            "(SMOLLM_ADAPTIVE_THREADS). Null until loaded."
+        ),
+    ]
     n_gpu_layers: int
     device: str
     has_chat_template: Annotated[bool | None, Meta(description="Whether the GGUF carries its own chat template.")]

@@ -50,6 +50,8 @@ class Settings:
     backend: str = "llama.cpp"
     n_ctx: int = 4096
     n_threads: int = 1
+    #: Let the engine decode with fewer threads while that is faster (CPU contention; see engine/threads.py).
+    adaptive_threads: bool = True
     n_gpu_layers: int = 0
     flash_attn: FlashAttention = FlashAttention.AUTO
     max_tokens: int = 1024
@@ -108,6 +110,7 @@ class Settings:
             backend=backend,
             n_ctx=env.integer("SMOLLM_N_CTX", 4096, minimum=64),
             n_threads=env.integer("SMOLLM_N_THREADS", _usable_cpu_count(), minimum=1),
+            adaptive_threads=env.boolean("SMOLLM_ADAPTIVE_THREADS", True),
             n_gpu_layers=env.integer("SMOLLM_N_GPU_LAYERS", 0, minimum=-1),
             flash_attn=env.choice("SMOLLM_FLASH_ATTN", FlashAttention, FlashAttention.AUTO),
             max_tokens=env.integer("SMOLLM_MAX_TOKENS", 1024, minimum=1),

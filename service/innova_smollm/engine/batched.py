@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import random
 import threading
@@ -38,7 +37,8 @@ from typing import Any
 
 import llama_cpp
 
-from innova_smollm.engine.llama import GGUFModel
+from innova_smollm.decode_threads import ThreadGovernor
+from innova_smollm.engine.llama import GGUFModel, batch_threads, new_thread_governor, set_threads
 from innova_smollm.errors import (
     ContextLengthExceededError,
     GenerationError,
@@ -127,6 +127,7 @@ class BatchedLlamaEngine:
             settings, n_ctx=self._n_ctx, parallel=self._parallel, load_time_s=time.perf_counter() - started
         )
         self._timeout_s = settings.request_timeout_s
+        self._threads = new_thread_governor(settings)
 
         # Batch arrays are reached through cached pointers: each attribute read of a ctypes field builds a new object.
         self._batch_token = self._batch.token
@@ -157,6 +158,10 @@ class BatchedLlamaEngine:
     @property
     def metadata(self) -> ModelMetadata:
         return self._metadata
+
+    @property
+    def threads(self) -> ThreadGovernor:
+        return self._threads
 
     # --- tokens ---------------------------------------------------------------------------------------------
 
@@ -330,6 +335,7 @@ class BatchedLlamaEngine:
             running.position += 1
             in_batch.append(running)
             n_tokens += 1
+        decode_tokens = n_tokens
         budget = self._n_batch - n_tokens
         if n_tokens:
             budget = min(budget, PREFILL_CHUNK_WHILE_DECODING)
@@ -356,7 +362,13 @@ class BatchedLlamaEngine:
                 running.batch_index = n_tokens - 1
 
         self._batch.n_tokens = n_tokens
+        started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx, self._batch)
+        if n_tokens == decode_tokens and status == 0:
+            # Only pure decode steps are compared: a prompt chunk makes a step longer for reasons of its own.
+            change = self._threads.step_done(n_tokens, time.perf_counter() - started)
+            if change is not None:
+                set_threads(self._ctx, change)
         if status != 0:
             # Reservations make "no KV slot" (1) impossible; anything else is llama.cpp failing. The sequences in
             # this batch cannot continue, the others were not touched.
@@ -459,7 +471,7 @@ class BatchedLlamaEngine:
         # for n_batch rows saves n_batch x n_vocab floats (about 100 MB for a 49k vocabulary).
         params.n_outputs_max = self._parallel
         params.n_threads = settings.n_threads
-        params.n_threads_batch = max(settings.n_threads, len(os.sched_getaffinity(0)))
+        params.n_threads_batch = batch_threads(settings)
         params.kv_unified = True
         params.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED

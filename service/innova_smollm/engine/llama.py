@@ -23,6 +23,7 @@ from typing import Any
 import llama_cpp
 from llama_cpp import llama_chat_format
 
+from innova_smollm.decode_threads import ThreadCounts, ThreadGovernor
 from innova_smollm.errors import GenerationError, ModelLoadError, NotReadyError, RequestTimeoutError
 from innova_smollm.generation import ChatMessage, FinishReason, GenerationJob, JobFinish, ModelMetadata, TokenSink
 from innova_smollm.settings import Settings, display_name
@@ -192,6 +193,7 @@ class LlamaEngine:
             settings, n_ctx=int(self._llama.n_ctx()), parallel=1, load_time_s=self._model.open_s
         )
         self._timeout_s = settings.request_timeout_s
+        self._threads = new_thread_governor(settings)
         self._jobs: queue.SimpleQueue[tuple[GenerationJob, TokenSink] | None] = queue.SimpleQueue()
         self._closed = False
         #: How the latest job ended, even when nobody was listening any more (diagnostics and tests).
@@ -202,6 +204,10 @@ class LlamaEngine:
     @property
     def metadata(self) -> ModelMetadata:
         return self._metadata
+
+    @property
+    def threads(self) -> ThreadGovernor:
+        return self._threads
 
     # --- tokens ---------------------------------------------------------------------------------------------
 
@@ -265,7 +271,16 @@ class LlamaEngine:
             reset=True,
         )
         try:
-            for token in tokens:
+            # The first token's step also decodes the prompt, so only the steps after it are timed for the governor.
+            timed = False
+            while True:
+                started = time.perf_counter()
+                token = next(tokens, None)
+                if token is None:
+                    break
+                if timed:
+                    self._adapt_threads(time.perf_counter() - started)
+                timed = True
                 piece, ends_generation = self.pieces(token)
                 if ends_generation:
                     reason = FinishReason.STOP
@@ -293,6 +308,11 @@ class LlamaEngine:
         self.last_finish = JobFinish(job.job_id, reason, produced)
         sink.finished(reason, produced)
 
+    def _adapt_threads(self, step_s: float) -> None:
+        change = self._threads.step_done(1, step_s)
+        if change is not None:
+            set_threads(self._llama.ctx, change)
+
 
 def open_model(path: Path, settings: Settings) -> tuple[llama_cpp.Llama, int]:
     """Load the GGUF, offloading layers when asked and possible; on any offload failure fall back to the CPU."""
@@ -316,12 +336,26 @@ def open_model(path: Path, settings: Settings) -> tuple[llama_cpp.Llama, int]:
         raise ModelLoadError(f"llama.cpp could not load {path}: {exc}") from None
 
 
+def batch_threads(settings: Settings) -> int:
+    """Threads for prompt batches: prefill is compute-bound and gains from every usable CPU."""
+    return max(settings.n_threads, len(os.sched_getaffinity(0)))
+
+
+def new_thread_governor(settings: Settings) -> ThreadGovernor:
+    return ThreadGovernor(settings.n_threads, batch_threads(settings), enabled=settings.adaptive_threads)
+
+
+def set_threads(ctx: Any, counts: ThreadCounts) -> None:
+    """Takes effect at the context's next llama_decode; only the thread that decodes may call it."""
+    llama_cpp.llama_set_n_threads(ctx, counts.decode, counts.batch)
+
+
 def _construct(path: Path, settings: Settings, n_gpu_layers: int) -> llama_cpp.Llama:
     return llama_cpp.Llama(
         model_path=str(path),
         n_ctx=settings.n_ctx,
         n_threads=settings.n_threads,
-        n_threads_batch=max(settings.n_threads, len(os.sched_getaffinity(0))),
+        n_threads_batch=batch_threads(settings),
         n_gpu_layers=n_gpu_layers,
         flash_attn=settings.flash_attention_for(n_gpu_layers),
         n_batch=min(512, settings.n_ctx),

@@ -1,0 +1,203 @@
+"""How many threads llama.cpp decodes with, chosen from the decode steps the engine times.
+
+Why this exists: llama.cpp's threads meet at a spinning barrier hundreds of times per token. When something else
+takes a core (another systemd service in its own cgroup, a neighbour on a shared-vCPU host), one thread spins at
+the barrier while its partner waits to be scheduled, and decoding slows by orders of magnitude instead of by the
+share of CPU lost. Measured on the 2-core reference box with two busy processes in another session: 64 tokens took
+more than 60 s with 2 threads, against 0.65 s on the idle box, and llama-server and llama-cpp-python collapse the
+same way. With 1 thread under the same load, the 64 tokens took 1.2 s.
+
+So the governor keeps a ladder of thread counts (the configured count, halved down to 1) and compares them side by
+side while the engine decodes: now and then it runs a few steps one rung away and moves when that rung is clearly
+faster for the same batch shape. A losing rung is tried again after a doubling interval (up to a minute), so on an
+idle box the probes cost a few steps a minute. A step far slower than the recent ones starts a probe of the
+bottom rung (one thread) at once, so a collapse is left within seconds, and the up-probes then climb back to the
+best rung. Only pure decode steps (no prompt tokens in the batch) are
+compared, keyed by how many tokens the step decodes, because steps of different shapes take different times.
+
+Pure logic with an injectable clock: the engines time their steps and apply what :meth:`ThreadGovernor.step_done`
+returns with ``llama_set_n_threads`` (this module imports no llama_cpp).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+#: Steps run on the probed rung before it is compared with home.
+PROBE_STEPS = 3
+#: A probe wins only when its median step takes less than this share of home's: noise never moves the threads.
+WIN_RATIO = 0.85
+#: A probe step this many times slower than home's steps is a clear loss, ended at once (it may be collapsing).
+LOSS_RATIO = 2.0
+#: A step this many times slower than the median of the recent ones (and at least SLOW_STEP_MIN_S) is a collapse.
+SLOWDOWN_RATIO = 4.0
+SLOW_STEP_MIN_S = 0.05
+#: Recent steps kept per (rung, batch shape); home's reference is the median of the last REFERENCE_STEPS of them.
+HISTORY = 8
+REFERENCE_STEPS = 3
+FIRST_PROBE_AFTER_S = 2.0
+MAX_PROBE_INTERVAL_S = 60.0
+
+
+@dataclass(frozen=True)
+class ThreadCounts:
+    """Threads for single-token steps and for batches of several tokens (``llama_set_n_threads``)."""
+
+    decode: int
+    batch: int
+
+
+@dataclass
+class _Probe:
+    rung: int
+    home: int
+    shape: int
+    reference_s: float
+    steps: int = 0
+
+
+class ThreadGovernor:
+    def __init__(
+        self,
+        threads: int,
+        batch_threads: int,
+        *,
+        enabled: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        first_probe_after_s: float = FIRST_PROBE_AFTER_S,
+        max_probe_interval_s: float = MAX_PROBE_INTERVAL_S,
+    ) -> None:
+        rungs = [threads]
+        while rungs[-1] > 1:
+            rungs.append(rungs[-1] // 2)
+        self._rungs = rungs
+        self._batch_threads = batch_threads
+        self._enabled = enabled and len(rungs) > 1
+        self._clock = clock
+        self._first_interval = first_probe_after_s
+        self._max_interval = max_probe_interval_s
+        self._rung = 0
+        self._probe: _Probe | None = None
+        self._history: dict[tuple[int, int], deque[float]] = {}
+        now = clock()
+        #: For each direction (+1 = fewer threads, -1 = more): when it may be probed next, and the interval after.
+        self._next_probe = {+1: now + first_probe_after_s, -1: now + first_probe_after_s}
+        self._interval = {+1: first_probe_after_s, -1: first_probe_after_s}
+        self._lock = threading.Lock()  # the engine thread writes, /info and /metrics read
+        self._moves = {"fewer": 0, "more": 0}
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    def current(self) -> ThreadCounts:
+        """What the engine should be decoding with now (during a probe, the probed rung)."""
+        with self._lock:
+            return self._counts(self._probe.rung if self._probe else self._rung)
+
+    def settled(self) -> int:
+        """Decode threads of the rung the governor has chosen (not a probe in progress)."""
+        with self._lock:
+            return self._rungs[self._rung]
+
+    def moves(self) -> dict[str, int]:
+        """How many times the governor moved to fewer and to more threads."""
+        with self._lock:
+            return dict(self._moves)
+
+    def step_done(self, shape: int, seconds: float) -> ThreadCounts | None:
+        """Record one pure decode step of ``shape`` tokens that took ``seconds``.
+
+        Returns the thread counts to apply before the next step when they change, else None.
+        """
+        if not self._enabled:
+            return None
+        with self._lock:
+            before = self._probe.rung if self._probe else self._rung
+            if self._probe is not None:
+                self._continue_probe(shape, seconds)
+            else:
+                self._maybe_start_probe(shape, seconds)
+            after = self._probe.rung if self._probe else self._rung
+            return self._counts(after) if after != before else None
+
+    # --- inside the lock -----------------------------------------------------------------------------------
+
+    def _counts(self, rung: int) -> ThreadCounts:
+        threads = self._rungs[rung]
+        # The configured batch threads (prefill may use more cores than decode) hold only on the top rung.
+        return ThreadCounts(threads, self._batch_threads if rung == 0 else threads)
+
+    def _steps(self, rung: int, shape: int) -> deque[float]:
+        return self._history.setdefault((rung, shape), deque(maxlen=HISTORY))
+
+    def _maybe_start_probe(self, shape: int, seconds: float) -> None:
+        steps = self._steps(self._rung, shape)
+        typical = statistics.median(steps) if len(steps) >= REFERENCE_STEPS else None
+        steps.append(seconds)
+        if len(steps) < REFERENCE_STEPS:
+            return  # no reference for this shape yet
+        now = self._clock()
+        fewer = self._rung + 1 < len(self._rungs)
+        collapsing = typical is not None and seconds >= max(SLOWDOWN_RATIO * typical, SLOW_STEP_MIN_S)
+        if fewer and collapsing:
+            # Straight to one thread: the rungs between may collapse too, and the up-probes climb back from there.
+            self._start_probe(len(self._rungs) - 1, shape)
+        elif fewer and now >= self._next_probe[+1]:
+            self._start_probe(self._rung + 1, shape)
+        elif self._rung > 0 and now >= self._next_probe[-1]:
+            self._start_probe(self._rung - 1, shape)
+
+    def _start_probe(self, rung: int, shape: int) -> None:
+        recent = list(self._steps(self._rung, shape))[-REFERENCE_STEPS:]
+        self._probe = _Probe(rung, self._rung, shape, statistics.median(recent))
+
+    def _continue_probe(self, shape: int, seconds: float) -> None:
+        probe = self._probe
+        assert probe is not None
+        if shape != probe.shape:
+            return  # another batch shape cannot be compared; the probe waits for its own
+        probe.steps += 1
+        steps = self._steps(probe.rung, shape)
+        steps.append(seconds)
+        if seconds > LOSS_RATIO * probe.reference_s:
+            self._end_probe(won=False)
+        elif probe.steps >= PROBE_STEPS:
+            measured = statistics.median(list(steps)[-PROBE_STEPS:])
+            self._end_probe(won=measured < WIN_RATIO * probe.reference_s, measured_s=measured)
+
+    def _end_probe(self, *, won: bool, measured_s: float | None = None) -> None:
+        probe = self._probe
+        assert probe is not None
+        self._probe = None
+        direction = 1 if probe.rung > probe.home else -1
+        now = self._clock()
+        if not won:
+            self._interval[direction] = min(self._interval[direction] * 2, self._max_interval)
+            self._next_probe[direction] = now + self._interval[direction]
+            return
+        self._rung = probe.rung
+        self._moves["fewer" if direction > 0 else "more"] += 1
+        # A move means conditions changed: both directions are worth a fresh look soon.
+        for each in (+1, -1):
+            self._interval[each] = self._first_interval
+            self._next_probe[each] = now + self._first_interval
+        before, after = self._rungs[probe.home], self._rungs[probe.rung]
+        log.log(
+            logging.WARNING if after < before else logging.INFO,
+            "decoding with %d thread(s) instead of %d: a step took %.1f ms against %.1f ms%s",
+            after,
+            before,
+            (measured_s or 0.0) * 1000,
+            probe.reference_s * 1000,
+            " (CPU contention: another process is using the cores)" if after < before else "",
+            extra={"event": "decode_threads", "threads": after, "previous_threads": before},
+        )

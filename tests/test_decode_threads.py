@@ -1,0 +1,207 @@
+"""The thread governor: pure logic against a simulated machine, then the real engine under real CPU contention.
+
+The simulation gives each decode step a duration that depends on the thread count, the way the reference box
+behaved: idle, 2 threads decode a token in about 10 ms and 1 thread in about 17 ms; with two busy processes in
+other sessions, 2 threads spin at llama.cpp's barrier and a step takes about a second, while 1 thread takes 20 ms.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+import requests
+
+from innova_smollm.decode_threads import MAX_PROBE_INTERVAL_S, ThreadCounts, ThreadGovernor
+from tests.conftest import API, ServiceProcess, run_service, wait_until
+
+IDLE = {2: 0.010, 1: 0.017}
+CONTENDED = {2: 1.0, 1: 0.020}
+
+
+class SimulatedMachine:
+    """Runs decode steps through a governor, advancing a fake clock by each step's duration."""
+
+    def __init__(self, threads: int = 2, batch_threads: int = 2) -> None:
+        self.now = 0.0
+        self.governor = ThreadGovernor(threads, batch_threads, clock=lambda: self.now)
+        self.applied: list[ThreadCounts] = []
+        self.threads_used: list[int] = []
+        #: The rungs the governor settled on, in order (probes are not moves).
+        self.settled = [threads]
+
+    def run(self, seconds: float, step_time: Callable[[int], float], shapes: Iterator[int] | None = None) -> None:
+        """Decode for ``seconds`` of simulated time; a step of shape 4 takes three times a step of shape 1."""
+        shapes = shapes or itertools.repeat(1)
+        end = self.now + seconds
+        while self.now < end:
+            threads = self.governor.current().decode
+            shape = next(shapes)
+            took = step_time(threads) * (3 if shape == 4 else 1)
+            self.threads_used.append(threads)
+            self.now += took
+            change = self.governor.step_done(shape, took)
+            if change is not None:
+                self.applied.append(change)
+            if self.governor.settled() != self.settled[-1]:
+                self.settled.append(self.governor.settled())
+
+
+def test_an_idle_machine_keeps_every_thread_and_probes_less_and_less() -> None:
+    machine = SimulatedMachine()
+    machine.run(300, IDLE.__getitem__)
+    assert machine.settled == [2]
+    assert machine.governor.moves() == {"fewer": 0, "more": 0}
+    one_thread_steps = machine.threads_used.count(1)
+    # Probes at 2, 4, 8, 16, 32 s, then once a minute: a handful of 3-step probes in 5 minutes.
+    assert 3 * 6 <= one_thread_steps <= 3 * 12
+    assert one_thread_steps / len(machine.threads_used) < 0.002
+
+
+def test_a_collapse_moves_to_one_thread_within_a_few_slow_steps() -> None:
+    machine = SimulatedMachine(threads=2, batch_threads=4)
+    machine.run(10, IDLE.__getitem__)
+    steps_before = len(machine.threads_used)
+    machine.run(30, CONTENDED.__getitem__)
+    assert machine.governor.settled() == 1
+    slow_steps = [t for t in machine.threads_used[steps_before:] if t == 2]
+    # The first slow step starts a probe; the probe may lose against a reference still made of fast steps, so the
+    # second or third slow step settles it. The up-probes that follow are cut after one step each.
+    first_move = machine.threads_used.index(1, steps_before)
+    assert machine.threads_used[steps_before:first_move].count(2) <= 3
+    assert len(slow_steps) <= 3 + 5
+    # On the lower rung, prompt batches use the same single thread: two would collapse the same way.
+    assert ThreadCounts(decode=1, batch=1) in machine.applied
+
+
+def test_the_threads_come_back_when_the_contention_ends() -> None:
+    machine = SimulatedMachine(threads=2, batch_threads=4)
+    machine.run(5, IDLE.__getitem__)
+    machine.run(20, CONTENDED.__getitem__)
+    assert machine.governor.settled() == 1
+    machine.run(60, IDLE.__getitem__)
+    assert machine.settled == [2, 1, 2]
+    assert machine.governor.moves() == {"fewer": 1, "more": 1}
+    assert machine.applied[-1] == ThreadCounts(decode=2, batch=4)
+
+
+def test_under_lasting_contention_each_probe_of_more_threads_costs_one_step_and_they_thin_out() -> None:
+    machine = SimulatedMachine()
+    machine.run(5, IDLE.__getitem__)
+    contention_starts = len(machine.threads_used)
+    machine.run(600, CONTENDED.__getitem__)
+    slow_steps = machine.threads_used[contention_starts:].count(2)
+    # Up to 3 slow steps before the move, then up-probes at 2, 4, ... s and every MAX_PROBE_INTERVAL_S after that:
+    # about 15 in 10 minutes, each cut after its first slow step.
+    assert slow_steps <= 3 + 600 / MAX_PROBE_INTERVAL_S + 6
+    assert machine.governor.settled() == 1
+
+
+def test_probes_compare_only_steps_of_the_same_shape() -> None:
+    machine = SimulatedMachine()
+    # Batches of four tokens alternate with single tokens: a four-token step after one-token steps is slower for
+    # its own reasons and must not look like a collapse, nor win or lose a probe of the other shape.
+    machine.run(300, IDLE.__getitem__, shapes=itertools.cycle([1, 4]))
+    assert machine.governor.settled() == 2
+    assert machine.governor.moves() == {"fewer": 0, "more": 0}
+
+
+def test_eight_threads_drop_to_one_then_climb_to_the_best_rung() -> None:
+    def two_cores_free(threads: int) -> float:
+        # Only two cores are really free: more threads than that collapse, fewer leave one idle.
+        return {1: 0.04, 2: 0.02}.get(threads, 1.0)
+
+    machine = SimulatedMachine(threads=8, batch_threads=8)
+    machine.run(5, lambda threads: 0.08 / threads)
+    machine.run(120, two_cores_free)
+    assert machine.governor.settled() == 2
+    assert machine.settled == [8, 1, 2]
+    assert machine.governor.moves() == {"fewer": 1, "more": 1}
+
+
+@pytest.mark.parametrize(("threads", "enabled"), [(1, True), (2, False)])
+def test_nothing_moves_when_disabled_or_with_one_thread(threads: int, enabled: bool) -> None:
+    governor = ThreadGovernor(threads, threads, enabled=enabled, clock=lambda: 1000.0)
+    assert not governor.enabled
+    assert all(governor.step_done(1, 5.0) is None for _ in range(50))
+    assert governor.settled() == threads
+
+
+# --- the real engine under real contention --------------------------------------------------------------------
+
+
+@pytest.fixture
+def busy_cores() -> Iterator[Callable[[], None]]:
+    """Busy loops, one per usable core, each in a session of its own as another service would be.
+
+    Linux's autogroup scheduler (on here) shares the CPU between sessions first, so the service gets only its share
+    whatever its nice value: the situation of innovaplus-backend.service next to a busy neighbour.
+    """
+    loops = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+        for _ in range(len(os.sched_getaffinity(0)))
+    ]
+
+    def stop() -> None:
+        for loop in loops:
+            if loop.poll() is None:
+                os.killpg(loop.pid, signal.SIGKILL)
+                loop.wait()
+
+    try:
+        yield stop
+    finally:
+        stop()
+
+
+def _decode_threads(service: ServiceProcess) -> int:
+    info = requests.get(f"{service.url}{API}/info", timeout=60).json()
+    return int(info["decode_threads"])
+
+
+def _answer_while(service: ServiceProcess, condition: Callable[[], bool], limit_s: float) -> bool:
+    """Keep one client chatting until ``condition`` holds, for at most ``limit_s`` seconds."""
+    payload = {"messages": [{"role": "user", "content": "Count from 1 to 100."}], "max_tokens": 24, "temperature": 0}
+
+    def one_answer_then_check() -> bool:
+        reply = requests.post(f"{service.url}{API}/chat", json=payload, timeout=120)
+        assert reply.status_code == 200, reply.text
+        return condition()
+
+    return wait_until(one_answer_then_check, timeout=limit_s, interval=0)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("parallel", ["1", "4"])
+def test_the_engine_leaves_a_collapse_under_contention_and_comes_back(
+    model_path: object, busy_cores: Callable[[], None], parallel: str
+) -> None:
+    env = {"SMOLLM_MODEL_PATH": str(model_path), "SMOLLM_N_THREADS": "2", "SMOLLM_PARALLEL": parallel}
+    with run_service(env, new_session=True) as service:
+        assert wait_until(lambda: _ready(service), timeout=120)
+        assert _decode_threads(service) == 2
+        assert _answer_while(service, lambda: _decode_threads(service) == 1, limit_s=240), (
+            "two threads kept decoding under contention"
+        )
+        metrics = requests.get(f"{service.url}/metrics", timeout=60).text
+        assert "smollm_decode_threads 1.0" in metrics
+        assert 'smollm_decode_thread_moves_total{direction="fewer"} 1.0' in metrics
+        busy_cores()
+        assert _answer_while(service, lambda: _decode_threads(service) == 2, limit_s=240), (
+            "the engine stayed on one thread after the contention ended"
+        )
+        log = service.output()
+    assert '"event": "decode_threads", "threads": 1, "previous_threads": 2' in log
+    assert '"event": "decode_threads", "threads": 2, "previous_threads": 1' in log
+
+
+def _ready(service: ServiceProcess) -> bool:
+    try:
+        return requests.get(f"{service.url}{API}/health", timeout=5).status_code == 200
+    except requests.ConnectionError:
+        return False
