@@ -415,7 +415,9 @@ def server(argv: list[str], env: dict[str, str], log_path: Path, ready_path: str
 
 
 @contextlib.contextmanager
-def our_service(key: str, parallel: int, args: argparse.Namespace) -> Iterator[HttpPeer]:
+def our_service(
+    key: str, parallel: int, args: argparse.Namespace, extra_env: dict[str, str] | None = None
+) -> Iterator[HttpPeer]:
     port = free_port()
     env = {
         **os.environ,
@@ -428,11 +430,13 @@ def our_service(key: str, parallel: int, args: argparse.Namespace) -> Iterator[H
         "SMOLLM_MAX_QUEUE": str(max(args.concurrency) + 8),
         "SMOLLM_LOG_LEVEL": "WARNING",
         "PYTHONPATH": str(REPO / "service") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **(extra_env or {}),
     }
     argv = [sys.executable, "-m", "innova_smollm", "serve"]
     # /v1/models answers while the model is still loading; the health route says 200 only once it serves.
     with server(argv, env, args.out / f"server-{key}.log", "/innova/api/smollm/health", port) as pid:
-        yield HttpPeer(key, f"innova-smollm (SMOLLM_PARALLEL={parallel})", port, pid, args.request_timeout)
+        settings = ", ".join([f"SMOLLM_PARALLEL={parallel}", *(f"{k}={v}" for k, v in (extra_env or {}).items())])
+        yield HttpPeer(key, f"innova-smollm ({settings})", port, pid, args.request_timeout)
 
 
 @contextlib.contextmanager
@@ -501,6 +505,8 @@ def start_peers(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[
         "c": lambda: llama_cpp_python_server(args),
         "d": lambda: llama_server(args),
     }
+    for key, extra_env in args.variant.items():
+        starters[key] = lambda key=key, extra_env=extra_env: our_service(key, args.parallel, args, extra_env)
     peers: list[Peer] = []
     skipped: list[PeerFigures] = []
     for key in args.peers:
@@ -842,11 +848,30 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--contention-limit", type=float, default=30.0, help="seconds before a stream is cut")
     parser.add_argument("--peers", type=lambda s: s.split(","), default=["a", "b", "b1", "c", "d"],
                         help="which of a,b,b1,c,d to run (default: all)")  # fmt: skip
+    parser.add_argument(
+        "--variant",
+        type=_variant,
+        action="append",
+        default=[],
+        metavar="KEY:NAME=VALUE[,NAME=VALUE]",
+        help="one more peer: this service (SMOLLM_PARALLEL=--parallel) with extra environment, e.g. "
+        "'bfa:SMOLLM_FLASH_ATTN=on'; add KEY to --peers (repeatable)",
+    )
     parser.add_argument("--llama-server", help="path of the llama-server binary (default: search)")
     parser.add_argument("--llama-server-arg", action="append", default=[], help="extra llama-server flag (repeatable)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results")
     parser.add_argument("--inprocess-worker", action="store_true", help=argparse.SUPPRESS)
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.variant = dict(args.variant)
+    return args
+
+
+def _variant(text: str) -> tuple[str, dict[str, str]]:
+    key, _, assignments = text.partition(":")
+    pairs = [item.partition("=") for item in assignments.split(",") if item]
+    if not key or not pairs or any(not name or not sep for name, sep, _ in pairs):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY:NAME=VALUE[,NAME=VALUE]")
+    return key, {name: value for name, _, value in pairs}
 
 
 def main() -> int:
@@ -857,9 +882,10 @@ def main() -> int:
     if not args.model.is_file():
         print(f"model {args.model} not found (scripts/fetch_model.py fetches it)", file=sys.stderr)
         return 2
-    unknown = set(args.peers) - {"a", "b", "b1", "c", "d"}
+    known = {"a", "b", "b1", "c", "d", *args.variant}
+    unknown = set(args.peers) - known
     if unknown:
-        print(f"unknown peers {sorted(unknown)}: choose from a, b, b1, c, d", file=sys.stderr)
+        print(f"unknown peers {sorted(unknown)}: choose from {', '.join(sorted(known))}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     # A SIGTERM (timeout, Ctrl-C's cousin) unwinds like an exception, so every server started is stopped.

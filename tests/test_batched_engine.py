@@ -14,11 +14,11 @@ near-ties, e.g. the capital-of-France prompt ("L" 25.10 vs "The" 24.86) and late
 Batches are made deterministic by holding the engine thread in the first job's ``started`` callback until the other
 jobs are queued, so all four are admitted in the same step.
 
-Flash attention: these engines run with it on (``SMOLLM_FLASH_ATTN=on``), which computes each query row's attention
-on its own, so the only batch effect left is in the weight products and a mistake of ours in positions, sequence
-ids or cache cells shows up as a real difference. The CPU default is off (it decodes up to twice as fast here);
-then the attention product is batched too, answers flip at near-ties a few tokens earlier, and
-``test_with_default_cpu_attention_a_batch_answers_like_alone`` checks that configuration with a shorter prefix.
+Flash attention: these engines run with it on (``SMOLLM_FLASH_ATTN=on``, also what ``auto`` picks for this engine),
+which computes each query row's attention on its own, so the only batch effect left is in the weight products and a
+mistake of ours in positions, sequence ids or cache cells shows up as a real difference. With it off, the attention
+product is batched too, answers flip at near-ties a few tokens earlier, and
+``test_with_flash_attention_off_a_batch_answers_like_alone`` checks that configuration with a shorter prefix.
 """
 
 from __future__ import annotations
@@ -435,8 +435,16 @@ def test_without_the_prompt_cache_every_prompt_is_decoded_whole(engine: BatchedL
 AGREED_PREFIX_CHARS_BATCHED_ATTENTION = 8
 
 
-def test_with_default_cpu_attention_a_batch_answers_like_alone() -> None:
-    loaded = BatchedLlamaEngine(_settings(flash_attn=FlashAttention.AUTO, prompt_cache=False))
+def test_flash_attention_is_on_by_default_for_a_shared_cache() -> None:
+    loaded = BatchedLlamaEngine(_settings(flash_attn=FlashAttention.AUTO))
+    try:
+        assert loaded.metadata.flash_attn is True
+    finally:
+        loaded.close()
+
+
+def test_with_flash_attention_off_a_batch_answers_like_alone() -> None:
+    loaded = BatchedLlamaEngine(_settings(flash_attn=FlashAttention.OFF, prompt_cache=False))
     try:
         assert loaded.metadata.flash_attn is False
         alone_answers = [_run(loaded, [_job(loaded, prompt)])[0].answer for prompt in PROMPTS]

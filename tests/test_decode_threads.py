@@ -111,6 +111,16 @@ def test_probes_compare_only_steps_of_the_same_shape() -> None:
     assert machine.governor.moves() == {"fewer": 0, "more": 0}
 
 
+def test_a_probe_whose_batch_shape_does_not_come_back_ends_without_a_verdict() -> None:
+    machine = SimulatedMachine()
+    # Two sequences decode until the first probe starts, then one of them ends: only one-token steps follow.
+    machine.run(2.1, IDLE.__getitem__, shapes=itertools.repeat(4))
+    assert machine.governor.current().decode == 1, "the scheduled probe of one thread should have started"
+    machine.run(0.5, IDLE.__getitem__, shapes=itertools.repeat(1))
+    assert machine.governor.current().decode == 2
+    assert machine.settled == [2]
+
+
 def test_eight_threads_drop_to_one_then_climb_to_the_best_rung() -> None:
     def two_cores_free(threads: int) -> float:
         # Only two cores are really free: more threads than that collapse, fewer leave one idle.

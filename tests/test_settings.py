@@ -61,19 +61,22 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "offloaded_layers", "expected"),
+    ("value", "offloaded_layers", "shared_cache", "expected"),
     [
-        ("auto", 0, False),
-        ("auto", -1, True),
-        ("auto", 12, True),
-        ("on", 0, True),
-        ("off", 0, False),
-        ("off", -1, False),
+        ("auto", 0, False, False),
+        ("auto", 0, True, True),
+        ("auto", -1, False, True),
+        ("auto", 12, False, True),
+        ("on", 0, False, True),
+        ("off", 0, True, False),
+        ("off", -1, False, False),
     ],
 )
-def test_flash_attention_is_off_on_the_cpu_unless_asked(value: str, offloaded_layers: int, expected: bool) -> None:
+def test_flash_attention_is_off_for_one_sequence_on_the_cpu_unless_asked(
+    value: str, offloaded_layers: int, shared_cache: bool, expected: bool
+) -> None:
     settings = Settings.from_env({"SMOLLM_FLASH_ATTN": value})
-    assert settings.flash_attention_for(offloaded_layers) is expected
+    assert settings.flash_attention_for(offloaded_layers, shared_cache=shared_cache) is expected
 
 
 def test_relative_model_paths_resolve_from_the_backend_root(tmp_path: Path) -> None:

@@ -62,6 +62,8 @@ class _Probe:
     shape: int
     reference_s: float
     steps: int = 0
+    #: Steps of other shapes seen meanwhile; too many and the probe ends without a verdict.
+    foreign_steps: int = 0
 
 
 class ThreadGovernor:
@@ -164,7 +166,12 @@ class ThreadGovernor:
         probe = self._probe
         assert probe is not None
         if shape != probe.shape:
-            return  # another batch shape cannot be compared; the probe waits for its own
+            # Another batch shape cannot be compared. The probe waits for its own, but not forever: sequences end
+            # and the shape it measured may not come back.
+            probe.foreign_steps += 1
+            if probe.foreign_steps > 2 * PROBE_STEPS:
+                self._probe = None
+            return
         probe.steps += 1
         steps = self._steps(probe.rung, shape)
         steps.append(seconds)

@@ -35,8 +35,13 @@ class Fallback(StrEnum):
 
 
 class FlashAttention(StrEnum):
-    #: On when layers are offloaded to a GPU, off on the CPU: llama.cpp's CPU flash-attention kernel measured half
-    #: the decode speed of the plain one at 800 tokens of context on the reference box (issue 6 notes).
+    #: On with GPU offload, and on the CPU where several sequences share one KV cache (the batched engine); off for
+    #: the one-at-a-time engine on the CPU. Why: llama.cpp's plain attention multiplies every query by every cell
+    #: of the cache, other sequences' cells and idle cached prompts included, and masks them afterwards, while the
+    #: CPU flash-attention kernel skips masked cells. Alone, the plain kernel is faster at long contexts
+    #: (scripts/bench_attention.py on an AMD EPYC: one sequence at 800 tokens 69 vs 59 tok/s, and half the speed
+    #: on an earlier Intel box); four sequences sharing the cache decode faster with flash attention (134 vs 111
+    #: tok/s at 40 tokens, 98 vs 82 at 300), and the service side by side went 1.08x (one client) and 1.12x (four).
     AUTO = "auto"
     ON = "on"
     OFF = "off"
@@ -85,10 +90,11 @@ class Settings:
     def model_name(self) -> str:
         return display_name(self.model_path)
 
-    def flash_attention_for(self, n_gpu_layers: int) -> bool:
-        """Whether llama.cpp should use flash attention once ``n_gpu_layers`` layers are actually offloaded."""
+    def flash_attention_for(self, n_gpu_layers: int, *, shared_cache: bool) -> bool:
+        """Whether llama.cpp should use flash attention once ``n_gpu_layers`` layers are actually offloaded, for a
+        context whose KV cache several sequences share (``shared_cache``) or not."""
         if self.flash_attn is FlashAttention.AUTO:
-            return n_gpu_layers != 0
+            return n_gpu_layers != 0 or shared_cache
         return self.flash_attn is FlashAttention.ON
 
     @classmethod

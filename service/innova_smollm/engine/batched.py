@@ -119,12 +119,17 @@ class BatchedLlamaEngine:
         self._vocab = self._model.vocab
         self._parallel = settings.parallel
         self._n_batch = min(MAX_BATCH_TOKENS, settings.n_ctx)
+        self._flash_attn = settings.flash_attention_for(self._model.n_gpu_layers, shared_cache=True)
         self._ctx = self._new_context(settings, path)
         self._n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._metadata = self._model.describe(
-            settings, n_ctx=self._n_ctx, parallel=self._parallel, load_time_s=time.perf_counter() - started
+            settings,
+            n_ctx=self._n_ctx,
+            parallel=self._parallel,
+            flash_attn=self._flash_attn,
+            load_time_s=time.perf_counter() - started,
         )
         self._timeout_s = settings.request_timeout_s
         self._threads = new_thread_governor(settings)
@@ -474,9 +479,7 @@ class BatchedLlamaEngine:
         params.n_threads_batch = batch_threads(settings)
         params.kv_unified = True
         params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if settings.flash_attention_for(self._model.n_gpu_layers)
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self._flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         params.no_perf = True
         ctx = llama_cpp.llama_init_from_model(self._llama.model, params)

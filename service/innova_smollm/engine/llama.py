@@ -136,7 +136,9 @@ class GGUFModel:
         tokens: list[int] = self.llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
         return tokens
 
-    def describe(self, settings: Settings, *, n_ctx: int, parallel: int, load_time_s: float) -> ModelMetadata:
+    def describe(
+        self, settings: Settings, *, n_ctx: int, parallel: int, flash_attn: bool, load_time_s: float
+    ) -> ModelMetadata:
         meta: dict[str, Any] = self.llama.metadata
         file_type = int(meta.get("general.file_type", -1))
         return ModelMetadata(
@@ -157,7 +159,7 @@ class GGUFModel:
             llama_cpp_python_version=str(llama_cpp.__version__),
             load_time_s=round(load_time_s, 3),
             parallel=parallel,
-            flash_attn=settings.flash_attention_for(self.n_gpu_layers),
+            flash_attn=flash_attn,
         )
 
     def close(self) -> None:
@@ -190,7 +192,11 @@ class LlamaEngine:
         self._llama = self._model.llama
         self.pieces = self._model.pieces
         self._metadata = self._model.describe(
-            settings, n_ctx=int(self._llama.n_ctx()), parallel=1, load_time_s=self._model.open_s
+            settings,
+            n_ctx=int(self._llama.n_ctx()),
+            parallel=1,
+            flash_attn=settings.flash_attention_for(self._model.n_gpu_layers, shared_cache=False),
+            load_time_s=self._model.open_s,
         )
         self._timeout_s = settings.request_timeout_s
         self._threads = new_thread_governor(settings)
@@ -357,7 +363,7 @@ def _construct(path: Path, settings: Settings, n_gpu_layers: int) -> llama_cpp.L
         n_threads=settings.n_threads,
         n_threads_batch=batch_threads(settings),
         n_gpu_layers=n_gpu_layers,
-        flash_attn=settings.flash_attention_for(n_gpu_layers),
+        flash_attn=settings.flash_attention_for(n_gpu_layers, shared_cache=False),
         n_batch=min(512, settings.n_ctx),
         verbose=False,
     )
