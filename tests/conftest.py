@@ -144,14 +144,26 @@ def parse_sse(raw: str) -> list[tuple[str, str]]:
 class ServiceProcess:
     process: subprocess.Popen[str]
     url: str
+    _lines: list[str] = dataclasses.field(default_factory=list)
+    _reader: threading.Thread | None = None
+
+    def __post_init__(self) -> None:
+        # Read the pipe as the service writes: a pipe nobody reads fills at 64 KiB of log lines, and the service's
+        # next log write then blocks whatever thread makes it.
+        self._reader = threading.Thread(target=self._drain, name="service-stdout", daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.append(line)
 
     def output(self) -> str:
         """Everything the process printed; stops it first."""
         self.stop()
-        assert self.process.stdout is not None
-        if self.process.stdout.closed:
-            return ""
-        return self.process.stdout.read()
+        if self._reader is not None:
+            self._reader.join(timeout=30)
+        return "".join(self._lines)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -193,7 +205,7 @@ def run_service(
                 raise RuntimeError(f"the service did not start: {service.output()}")
         yield service
     finally:
-        service.stop()
+        service.output()  # stops the process and waits for the reader to see the end of the pipe
         if process.stdout is not None:
             process.stdout.close()
 

@@ -131,8 +131,6 @@ def test_the_service_writes_json_request_lines_to_its_output() -> None:
         )
         assert reply.status_code == 200
         output = service.output()
-        assert service.process.stdout is not None
-        service.process.stdout.close()  # ServiceProcess.output() leaves the pipe open (ResourceWarning)
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     mine = [line for line in lines if line.get("request_id") == "from-the-backend"]
     assert len(mine) == 1, output

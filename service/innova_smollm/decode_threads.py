@@ -125,11 +125,16 @@ class ThreadGovernor:
         with self._lock:
             before = self._probe.rung if self._probe else self._rung
             if self._probe is not None:
-                self._continue_probe(shape, seconds)
+                move = self._continue_probe(shape, seconds)
             else:
+                move = None
                 self._maybe_start_probe(shape, seconds)
             after = self._probe.rung if self._probe else self._rung
-            return self._counts(after) if after != before else None
+            change = self._counts(after) if after != before else None
+        if move is not None:
+            # Outside the lock: a slow log sink must never hold up /info or /metrics.
+            _log_move(move)
+        return change
 
     # --- inside the lock -----------------------------------------------------------------------------------
 
@@ -162,7 +167,7 @@ class ThreadGovernor:
         recent = list(self._steps(self._rung, shape))[-REFERENCE_STEPS:]
         self._probe = _Probe(rung, self._rung, shape, statistics.median(recent))
 
-    def _continue_probe(self, shape: int, seconds: float) -> None:
+    def _continue_probe(self, shape: int, seconds: float) -> _Move | None:
         probe = self._probe
         assert probe is not None
         if shape != probe.shape:
@@ -171,17 +176,18 @@ class ThreadGovernor:
             probe.foreign_steps += 1
             if probe.foreign_steps > 2 * PROBE_STEPS:
                 self._probe = None
-            return
+            return None
         probe.steps += 1
         steps = self._steps(probe.rung, shape)
         steps.append(seconds)
         if seconds > LOSS_RATIO * probe.reference_s:
-            self._end_probe(won=False)
-        elif probe.steps >= PROBE_STEPS:
+            return self._end_probe(won=False, measured_s=seconds)
+        if probe.steps >= PROBE_STEPS:
             measured = statistics.median(list(steps)[-PROBE_STEPS:])
-            self._end_probe(won=measured < WIN_RATIO * probe.reference_s, measured_s=measured)
+            return self._end_probe(won=measured < WIN_RATIO * probe.reference_s, measured_s=measured)
+        return None
 
-    def _end_probe(self, *, won: bool, measured_s: float | None = None) -> None:
+    def _end_probe(self, *, won: bool, measured_s: float) -> _Move | None:
         probe = self._probe
         assert probe is not None
         self._probe = None
@@ -190,21 +196,33 @@ class ThreadGovernor:
         if not won:
             self._interval[direction] = min(self._interval[direction] * 2, self._max_interval)
             self._next_probe[direction] = now + self._interval[direction]
-            return
+            return None
         self._rung = probe.rung
         self._moves["fewer" if direction > 0 else "more"] += 1
         # A move means conditions changed: both directions are worth a fresh look soon.
         for each in (+1, -1):
             self._interval[each] = self._first_interval
             self._next_probe[each] = now + self._first_interval
-        before, after = self._rungs[probe.home], self._rungs[probe.rung]
-        log.log(
-            logging.WARNING if after < before else logging.INFO,
-            "decoding with %d thread(s) instead of %d: a step took %.1f ms against %.1f ms%s",
-            after,
-            before,
-            (measured_s or 0.0) * 1000,
-            probe.reference_s * 1000,
-            " (CPU contention: another process is using the cores)" if after < before else "",
-            extra={"event": "decode_threads", "threads": after, "previous_threads": before},
-        )
+        return _Move(self._rungs[probe.home], self._rungs[probe.rung], measured_s, probe.reference_s)
+
+
+@dataclass(frozen=True)
+class _Move:
+    before: int
+    after: int
+    measured_s: float
+    reference_s: float
+
+
+def _log_move(move: _Move) -> None:
+    fewer = move.after < move.before
+    log.log(
+        logging.WARNING if fewer else logging.INFO,
+        "decoding with %d thread(s) instead of %d: a step took %.1f ms against %.1f ms%s",
+        move.after,
+        move.before,
+        move.measured_s * 1000,
+        move.reference_s * 1000,
+        " (CPU contention: another process is using the cores)" if fewer else "",
+        extra={"event": "decode_threads", "threads": move.after, "previous_threads": move.before},
+    )
