@@ -383,10 +383,14 @@ class BatchedLlamaEngine:
                 self._abort(running, error)
             return
 
-        for running in in_batch:
-            if running.batch_index < 0:
-                continue
-            token = llama_cpp.llama_sampler_sample(running.sampler, self._ctx, running.batch_index)
+        # Sample every sequence first, then hand the tokens out in one go: the deliveries then reach the event loop
+        # as one burst (one wake-up, see sinks.LoopInbox) instead of one wake-up per sequence between samplings.
+        sampled = [
+            (running, llama_cpp.llama_sampler_sample(running.sampler, self._ctx, running.batch_index))
+            for running in in_batch
+            if running.batch_index >= 0
+        ]
+        for running, token in sampled:
             try:
                 self._deliver(running, token)
             except Exception as exc:  # a broken sink ends its own job only

@@ -1,0 +1,50 @@
+"""LoopInbox and AsyncSink: events cross from a plain thread to an event loop in order, one wake-up per burst."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from innova_smollm.generation import FinishReason
+from innova_smollm.sinks import AsyncSink, Finished, LoopInbox, Text, inbox_of
+
+
+def test_a_burst_posted_before_the_loop_runs_costs_one_wake_up_and_keeps_its_order() -> None:
+    async def scenario() -> tuple[list[object], LoopInbox]:
+        loop = asyncio.get_running_loop()
+        sinks = [AsyncSink(loop) for _ in range(4)]
+        # Posted from another thread while this loop is busy (not awaiting): the whole burst is pending at once.
+        poster = threading.Thread(
+            target=lambda: [sink.text(f"token {index}") for index, sink in enumerate(sinks) for _ in range(2)]
+        )
+        poster.start()
+        poster.join()
+        received = [await sink.get(timeout=5) for sink in sinks for _ in range(2)]
+        return received, inbox_of(loop)
+
+    received, inbox = asyncio.run(scenario())
+    assert received == [Text(f"token {index}") for index in range(4) for _ in range(2)]
+    assert (inbox.posted, inbox.wakeups) == (8, 1)
+
+
+def test_events_after_a_drain_wake_the_loop_again() -> None:
+    async def scenario() -> LoopInbox:
+        loop = asyncio.get_running_loop()
+        sink = AsyncSink(loop)
+        for round_ in range(3):
+            await asyncio.to_thread(sink.text, f"round {round_}")
+            assert await sink.get(timeout=5) == Text(f"round {round_}")
+        await asyncio.to_thread(sink.finished, FinishReason.STOP, 3)
+        assert await sink.get(timeout=5) == Finished(FinishReason.STOP, 3)
+        return inbox_of(loop)
+
+    inbox = asyncio.run(scenario())
+    assert (inbox.posted, inbox.wakeups) == (4, 4)
+
+
+def test_a_closed_loop_cancels_the_job_instead_of_raising_into_the_engine() -> None:
+    loop = asyncio.new_event_loop()
+    sink = AsyncSink(loop)
+    loop.close()
+    sink.text("nobody is listening")
+    assert sink.cancelled()
