@@ -585,7 +585,7 @@ def measure(peers: list[Peer], args: argparse.Namespace) -> dict[str, PeerFigure
                 level = run_level(peer, concurrency, requests, args.max_tokens)
                 figures[peer.key].levels.setdefault(concurrency, []).append(level)
                 print(
-                    f"  ({peer.key}) {concurrency} clients, round {round_index + 1}: "
+                    f"  ({peer.key}) {_clients(concurrency)}, round {round_index + 1}: "
                     f"{level.aggregate_tok_s:.1f} tok/s, cut short {level.cut_short}/{requests}",
                     flush=True,
                 )
@@ -626,6 +626,10 @@ def measure_contended(peers: list[Peer], figures: dict[str, PeerFigures], args: 
 # --- report -------------------------------------------------------------------------------------------------
 
 
+def _clients(count: int) -> str:
+    return f"{count} client" if count == 1 else f"{count} clients"
+
+
 def _fmt(value: float, digits: int = 1) -> str:
     return "—" if value != value else f"{value:.{digits}f}"
 
@@ -639,7 +643,7 @@ def _ratio(value: float, base: float) -> str:
 def table(results: list[PeerFigures], concurrency: list[int]) -> str:
     base = next((r for r in results if r.key == BASE and r.available), None)
     head = ["", "decode tok/s (1 client)", "TTFT ms", "prefill tok/s", "RSS MB"]
-    head += [f"{c} clients tok/s" for c in concurrency] + [f"p50/p95 s @{c}" for c in concurrency] + ["cut short"]
+    head += [f"{_clients(c)} tok/s" for c in concurrency] + [f"p50/p95 s @{c}" for c in concurrency] + ["cut short"]
     contention = any(r.contended for r in results)
     if contention:
         head.append("1 client tok/s, cores busy")
@@ -694,7 +698,7 @@ def ratio_rows(figures: dict[str, PeerFigures], concurrency: list[int]) -> list[
                     [level.aggregate_tok_s for level in base.levels[c]],
                     [level.aggregate_tok_s for level in other.levels[c]],
                 )
-                rows.append((f"({BASE})/({key}) aggregate, {c} clients", paired))
+                rows.append((f"({BASE})/({key}) aggregate, {_clients(c)}", paired))
         contended = paired_ratios(
             [r.tokens / r.total_s if r.total_s > 0 else float("nan") for r in base.contended],
             [r.tokens / r.total_s if r.total_s > 0 else float("nan") for r in other.contended],
