@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import http.client
 import json
 import os
@@ -43,10 +44,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -304,8 +305,12 @@ def inprocess_worker(args: argparse.Namespace) -> None:
         first = last = None
         tokens = 0
         finish = None
-        chunks = llama.create_chat_completion(
-            messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0, stream=True
+        # With stream=True the library returns a generator of OpenAI-shaped dicts; its annotations say less.
+        chunks = cast(
+            Generator[dict[str, Any], None, None],
+            llama.create_chat_completion(
+                messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0, stream=True
+            ),
         )
         for chunk in chunks:
             choice = chunk["choices"][0]
@@ -321,8 +326,11 @@ def inprocess_worker(args: argparse.Namespace) -> None:
 
     def prefill(attempt: int) -> float:
         started = time.perf_counter()
-        answer = llama.create_chat_completion(
-            messages=[{"role": "user", "content": f"({attempt}) {LONG_PROMPT}"}], max_tokens=1, temperature=0
+        answer = cast(
+            dict[str, Any],
+            llama.create_chat_completion(
+                messages=[{"role": "user", "content": f"({attempt}) {LONG_PROMPT}"}], max_tokens=1, temperature=0
+            ),
         )
         return float(answer["usage"]["prompt_tokens"]) / (time.perf_counter() - started)
 
@@ -506,7 +514,7 @@ def start_peers(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[
         "d": lambda: llama_server(args),
     }
     for key, extra_env in args.variant.items():
-        starters[key] = lambda key=key, extra_env=extra_env: our_service(key, args.parallel, args, extra_env)
+        starters[key] = functools.partial(our_service, key, args.parallel, args, extra_env)
     peers: list[Peer] = []
     skipped: list[PeerFigures] = []
     for key in args.peers:

@@ -24,9 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 PREFILL_CHUNK = 400
 
 
-@llama_cpp.llama_log_callback
-def _quiet(level: int, text: bytes, user_data: Any) -> None:
-    """llama.cpp's context logs would bury the table; kept at module level so ctypes never frees it."""
+def _ignore_log(level: int, text: bytes, user_data: Any) -> None:
+    """llama.cpp's context logs would bury the table."""
+
+
+#: Kept at module level so ctypes never frees the callback while llama.cpp holds it.
+_quiet: Any = llama_cpp.llama_log_callback(_ignore_log)
 
 
 def _context(model: Any, *, unified: bool, flash: bool, sequences: int, window: int, threads: int) -> Any:
