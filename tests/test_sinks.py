@@ -48,3 +48,12 @@ def test_a_closed_loop_cancels_the_job_instead_of_raising_into_the_engine() -> N
     loop.close()
     sink.text("nobody is listening")
     assert sink.cancelled()
+
+
+def test_every_sink_of_a_closed_loop_learns_it_not_only_the_first() -> None:
+    loop = asyncio.new_event_loop()
+    sinks = [AsyncSink(loop) for _ in range(3)]
+    loop.close()
+    for sink in sinks:
+        sink.text("nobody is listening")
+    assert [sink.cancelled() for sink in sinks] == [True, True, True]

@@ -55,7 +55,7 @@ class Settings:
     backend: str = "llama.cpp"
     n_ctx: int = 4096
     n_threads: int = 1
-    #: Let the engine decode with fewer threads while that is faster (CPU contention; see engine/threads.py).
+    #: Let the engine decode with fewer threads while that is faster (CPU contention; see decode_threads.py).
     adaptive_threads: bool = True
     n_gpu_layers: int = 0
     flash_attn: FlashAttention = FlashAttention.AUTO

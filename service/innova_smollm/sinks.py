@@ -99,6 +99,10 @@ class LoopInbox:
         try:
             self._loop.call_soon_threadsafe(self._drain)
         except RuntimeError:
+            # The loop is closed and nothing will drain: every later post must fail too, so each sink learns it.
+            with self._lock:
+                self._pending.clear()
+                self._scheduled = False
             return False
         return True
 
