@@ -40,3 +40,17 @@ def test_side_by_side_bench_writes_its_table(model_path: Path, tmp_path: Path) -
     samples = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
     assert [len(peer["contended"]) for peer in samples] == [1, 1]
     assert all(peer["contended"][0]["tokens"] > 0 for peer in samples)
+
+
+def test_step_profile_counts_every_decode_of_the_service(model_path: Path) -> None:
+    argv = [sys.executable, "scripts/bench_steps.py", "--model", str(model_path), "--max-tokens", "8"]
+    argv += ["--concurrency", "1,2", "--requests-per-client", "1", "--parallel", "2"]
+    result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summaries = [line for line in result.stdout.splitlines() if " client(s): " in line]
+    assert [line.split(" ")[0] for line in summaries] == ["1", "2"]
+    assert all("cut short 0/" in line and "inside llama_decode" in line for line in summaries)
+    # One client decodes one token a step, after the step that carried its prompt.
+    rows = result.stdout.split("\n\n")[1].splitlines()[2:]
+    steps_by_size = {int(row.split("|")[1]): int(row.split("|")[2]) for row in rows}
+    assert steps_by_size.get(1, 0) >= 1 and max(steps_by_size) > 2

@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Where the service's decode time goes under load: every ``llama_decode`` of the running service, timed.
+
+Starts this service in this process (real uvicorn on loopback, the batched engine), wraps llama-cpp-python's
+``llama_decode`` with a timer before the engine loads, then drives it with ``scripts/bench.py``'s client at each
+concurrency. For each level it prints the aggregate tok/s, how much of the wall time was spent inside
+``llama_decode``, and the steps by batch size (how many, median and total time). A batch larger than
+``--parallel`` carries a prompt chunk.
+
+What it answers: whether the batches are full (steps of ``--parallel`` tokens), and whether the time goes into
+llama.cpp or into our path around it. It is what showed that under 4 clients almost all steps decode 4 sequences
+and 95-98 % of the wall time is inside ``llama_decode`` (README, Performance).
+
+    .venv/bin/python scripts/bench_steps.py --concurrency 1,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench  # scripts/ is not a package
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class DecodeTimer:
+    """Replaces ``llama_cpp.llama_decode`` (the engine calls it through the module) with a timed call."""
+
+    def __init__(self) -> None:
+        self._real: Callable[[Any, Any], int] = llama_cpp.llama_decode
+        self._lock = threading.Lock()
+        #: (tokens in the batch, seconds inside llama_decode), one per call.
+        self.steps: list[tuple[int, float]] = []
+        llama_cpp.llama_decode = self._timed
+
+    def _timed(self, ctx: Any, batch: Any) -> int:
+        started = time.perf_counter()
+        status = self._real(ctx, batch)
+        elapsed = time.perf_counter() - started
+        with self._lock:
+            self.steps.append((int(batch.n_tokens), elapsed))
+        return status
+
+    def take(self) -> list[tuple[int, float]]:
+        with self._lock:
+            steps, self.steps = self.steps, []
+        return steps
+
+
+def start_service(args: argparse.Namespace) -> tuple[Any, int]:
+    import uvicorn
+
+    from innova_smollm.app import create_app
+    from innova_smollm.settings import Settings
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    settings = Settings.from_env(
+        {
+            "SMOLLM_MODEL_PATH": str(args.model),
+            "SMOLLM_N_THREADS": str(args.threads),
+            "SMOLLM_N_CTX": str(args.n_ctx),
+            "SMOLLM_PARALLEL": str(args.parallel),
+            "SMOLLM_MAX_QUEUE": str(max(args.concurrency) * 2),
+            "SMOLLM_LOG_LEVEL": "WARNING",
+            "PORT": str(port),
+        }
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None, access_log=False)
+    )
+    threading.Thread(target=server.run, name="uvicorn", daemon=True).start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if bench.stream_chat(port, "Hi", 1, 30).ok:
+            return server, port
+        time.sleep(0.5)
+    raise SystemExit("the service did not answer within 300 s")
+
+
+def report(concurrency: int, level: bench.LevelResult, steps: list[tuple[int, float]], wall_s: float) -> str:
+    in_decode = sum(seconds for _, seconds in steps)
+    lines = [
+        f"{concurrency} client(s): {level.aggregate_tok_s:.1f} tok/s, cut short {level.cut_short}/{level.requests}, "
+        f"{len(steps)} steps, {in_decode:.2f} s of {wall_s:.2f} s inside llama_decode ({in_decode / wall_s:.0%})",
+        "",
+        "| tokens in the batch | steps | median ms | total s |",
+        "|---|---|---|---|",
+    ]
+    by_size: dict[int, list[float]] = {}
+    for tokens, seconds in steps:
+        by_size.setdefault(tokens, []).append(seconds)
+    for tokens in sorted(by_size):
+        times = by_size[tokens]
+        lines.append(f"| {tokens} | {len(times)} | {statistics.median(times) * 1000:.1f} | {sum(times):.2f} |")
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--n-ctx", type=int, default=2048)
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--concurrency", type=lambda text: [int(part) for part in text.split(",")], default=[1, 4])
+    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--request-timeout", type=float, default=300.0)
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    timer = DecodeTimer()  # before the engine loads, so every decode of the service goes through it
+    server, port = start_service(args)
+    peer = bench.HttpPeer("b", "innova-smollm in this process", port, os.getpid(), args.request_timeout)
+    try:
+        for concurrency in args.concurrency:
+            timer.take()
+            started = time.perf_counter()
+            level = bench.run_level(peer, concurrency, concurrency * args.requests_per_client, args.max_tokens)
+            wall_s = time.perf_counter() - started
+            print(report(concurrency, level, timer.take(), wall_s), end="\n\n", flush=True)
+    finally:
+        server.should_exit = True
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
