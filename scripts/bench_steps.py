@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import threading
@@ -32,8 +31,6 @@ import llama_cpp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # scripts/ is not a package
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class DecodeTimer:
@@ -66,9 +63,7 @@ def start_service(args: argparse.Namespace) -> tuple[Any, int]:
     from innova_smollm.app import create_app
     from innova_smollm.settings import Settings
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
+    port = bench.free_port()
     settings = Settings.from_env(
         {
             "SMOLLM_MODEL_PATH": str(args.model),
@@ -112,7 +107,7 @@ def report(concurrency: int, level: bench.LevelResult, steps: list[tuple[int, fl
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--model", type=Path, default=bench.DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-ctx", type=int, default=2048)
     parser.add_argument("--parallel", type=int, default=4)
