@@ -32,11 +32,11 @@ import pytest
 
 from innova_smollm.errors import ContextLengthExceededError, NotReadyError, RequestTimeoutError
 from innova_smollm.generation import ChatMessage, FinishReason, GenerationJob, SamplingParams
-from innova_smollm.settings import FlashAttention, Settings
+from innova_smollm.settings import FlashAttention, KVLayout, Settings
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from innova_smollm.engine.batched import BatchedLlamaEngine  # noqa: E402
+from innova_smollm.engine.batched import BatchedLlamaEngine, choose_sequence  # noqa: E402
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -364,7 +364,7 @@ class PrefillCount:
 def _cells_add_up(engine: BatchedLlamaEngine) -> bool:
     """With nothing running, every cell is either free or held by an idle sequence's cached tokens."""
     held = sum(len(tokens) for tokens in engine._idle.values())
-    return not engine._running and engine._free_cells + held == engine.metadata.n_ctx
+    return not engine._running and engine._free_cells + held == engine._total_cells
 
 
 def test_a_repeated_prompt_decodes_only_its_last_token(cached: BatchedLlamaEngine) -> None:
@@ -435,8 +435,9 @@ def test_without_the_prompt_cache_every_prompt_is_decoded_whole(engine: BatchedL
 AGREED_PREFIX_CHARS_BATCHED_ATTENTION = 8
 
 
-def test_flash_attention_is_on_by_default_for_a_shared_cache() -> None:
-    loaded = BatchedLlamaEngine(_settings(flash_attn=FlashAttention.AUTO))
+@pytest.mark.parametrize("layout", list(KVLayout))
+def test_flash_attention_is_on_by_default_for_several_sequences(layout: KVLayout) -> None:
+    loaded = BatchedLlamaEngine(_settings(flash_attn=FlashAttention.AUTO, kv_layout=layout))
     try:
         assert loaded.metadata.flash_attn is True
     finally:
@@ -455,3 +456,115 @@ def test_with_flash_attention_off_a_batch_answers_like_alone() -> None:
             assert agreed >= min(AGREED_PREFIX_CHARS_BATCHED_ATTENTION, len(alone_answer)), (sink.answer, alone_answer)
     finally:
         loaded.close()
+
+
+# --- one KV stream per sequence (SMOLLM_KV_LAYOUT=per_sequence) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def per_sequence() -> Iterator[BatchedLlamaEngine]:
+    loaded = BatchedLlamaEngine(_settings(kv_layout=KVLayout.PER_SEQUENCE, parallel=2, n_ctx=512))
+    yield loaded
+    loaded.close()
+
+
+def test_per_sequence_layout_gives_every_sequence_a_whole_window(per_sequence: BatchedLlamaEngine) -> None:
+    assert per_sequence.metadata.n_ctx == 512
+    assert per_sequence._total_cells == 2 * 512
+
+
+def test_per_sequence_jobs_that_each_need_the_whole_window_run_side_by_side(
+    per_sequence: BatchedLlamaEngine,
+) -> None:
+    # In the shared layout the second job would wait for the first (test_a_job_waits_for_kv_cells_then_runs).
+    short = "What is 2 plus 2?"
+    whole = per_sequence.metadata.n_ctx - len(_job(per_sequence, short).prompt_tokens)
+    sinks = _run_together(per_sequence, [_job(per_sequence, short, max_tokens=whole) for _ in range(2)])
+    assert all(sink.error is None and sink.reason is FinishReason.STOP for sink in sinks)
+    assert sinks[1].started_at < sinks[0].finished_at
+    # Same prompt, same positions, each in a stream of its own: the two rows of every batch compute alike.
+    assert sinks[0].answer == sinks[1].answer
+    assert _cells_add_up(per_sequence)
+
+
+def test_per_sequence_refuses_a_job_larger_than_its_window(per_sequence: BatchedLlamaEngine) -> None:
+    # The whole cache holds two windows, but one job may use only its own.
+    job = _job(per_sequence, PROMPTS[0], max_tokens=per_sequence.metadata.n_ctx)
+    assert isinstance(_run(per_sequence, [job])[0].error, ContextLengthExceededError)
+
+
+def test_per_sequence_prompt_cache_reuses_the_prompt(per_sequence: BatchedLlamaEngine) -> None:
+    _run(per_sequence, [_job(per_sequence, PROMPTS[2], max_tokens=8)])
+    count = PrefillCount(per_sequence)
+    again = _job(per_sequence, PROMPTS[2], max_tokens=8)
+    assert _run(per_sequence, [again])[0].error is None
+    assert (count.reused, count.prefilled) == (len(again.prompt_tokens) - 1, 1)
+
+
+def test_per_sequence_batch_answers_like_alone() -> None:
+    loaded = BatchedLlamaEngine(_settings(kv_layout=KVLayout.PER_SEQUENCE, prompt_cache=False))
+    try:
+        alone_answers = [_run(loaded, [_job(loaded, prompt)])[0].answer for prompt in PROMPTS]
+        together = _run_together(loaded, [_job(loaded, prompt) for prompt in PROMPTS])
+        for sink, alone_answer in zip(together, alone_answers, strict=True):
+            assert sink.error is None
+            assert _common_prefix(sink.answer, alone_answer) >= min(AGREED_PREFIX_CHARS, len(alone_answer))
+    finally:
+        loaded.close()
+
+
+def test_per_sequence_batches_list_the_sequences_in_increasing_id_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    # llama.cpp decodes separate KV streams in one ubatch only while each id is the previous one plus one.
+    loaded = BatchedLlamaEngine(_settings(kv_layout=KVLayout.PER_SEQUENCE, parallel=3, n_ctx=256, prompt_cache=False))
+    try:
+        # One job alone takes id 0 and makes it the most recently used: the next three are admitted as 1, 2, 0.
+        _run(loaded, [_job(loaded, PROMPTS[0], max_tokens=2)])
+        assert list(loaded._idle) == [1, 2, 0]
+        batches: list[list[int]] = []
+        real_decode = llama_cpp.llama_decode
+
+        def recording_decode(ctx: object, batch: object) -> int:
+            rows = [batch.seq_id[index][0] for index in range(batch.n_tokens)]  # type: ignore[attr-defined]
+            batches.append(rows)
+            return int(real_decode(ctx, batch))
+
+        monkeypatch.setattr(llama_cpp, "llama_decode", recording_decode)
+        sinks = _run_together(loaded, [_job(loaded, prompt, max_tokens=8) for prompt in PROMPTS[1:]])
+        assert all(sink.error is None for sink in sinks)
+        decode_steps = [rows for rows in batches if len(set(rows)) == len(rows) == 3]
+        assert decode_steps, batches
+        assert all(rows == [0, 1, 2] for rows in decode_steps), decode_steps
+    finally:
+        loaded.close()
+
+
+# --- which idle sequence a new job takes (pure logic) ---------------------------------------------------------------
+
+CACHED_PROMPT = [1, 2, 3, 4, 5]
+
+
+def test_a_new_job_takes_the_sequence_with_the_longest_cached_prefix() -> None:
+    idle = {0: [], 2: [9, 9], 3: CACHED_PROMPT}
+    assert choose_sequence(idle, [1], (*CACHED_PROMPT, 6), per_sequence=False) == (3, 5)
+
+
+def test_among_equals_an_empty_sequence_then_the_least_recently_used_is_taken() -> None:
+    assert choose_sequence({2: [9], 0: [], 1: []}, [], (1, 2), per_sequence=False) == (0, 0)
+    assert choose_sequence({2: [9], 1: [8]}, [], (1, 2), per_sequence=False) == (2, 0)
+
+
+def test_the_prompts_last_token_is_always_decoded_again() -> None:
+    assert choose_sequence({0: CACHED_PROMPT}, [], tuple(CACHED_PROMPT), per_sequence=False) == (0, 4)
+
+
+def test_per_sequence_keeps_the_running_ids_consecutive_before_reusing_a_prefix() -> None:
+    # 1 is running: 3 holds the prompt, but taking it would split every step into two ubatches ({1} and {3}).
+    idle = {3: CACHED_PROMPT, 0: [], 2: []}
+    assert choose_sequence(idle, [1], (*CACHED_PROMPT, 6), per_sequence=True) == (0, 0)
+
+
+def test_per_sequence_reuses_a_prefix_when_its_id_is_next_to_the_running_ones() -> None:
+    idle = {0: [], 1: [], 3: CACHED_PROMPT}
+    assert choose_sequence(idle, [2], (*CACHED_PROMPT, 6), per_sequence=True) == (3, 5)
+    # Nothing running: every id is a run of its own, so the prefix decides.
+    assert choose_sequence({0: [], 3: CACHED_PROMPT}, [], (*CACHED_PROMPT, 6), per_sequence=True) == (3, 5)

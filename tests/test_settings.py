@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from innova_smollm.errors import SettingsError
-from innova_smollm.settings import DEFAULT_MODEL_PATH, Fallback, FlashAttention, Provider, Settings
+from innova_smollm.settings import DEFAULT_MODEL_PATH, Fallback, FlashAttention, KVLayout, Provider, Settings
 
 
 def test_defaults_follow_the_contract(tmp_path: Path) -> None:
@@ -22,6 +22,7 @@ def test_defaults_follow_the_contract(tmp_path: Path) -> None:
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.log_content is False
     assert settings.adaptive_threads is True
+    assert settings.kv_layout is KVLayout.SHARED
 
 
 def test_every_variable_is_read(tmp_path: Path) -> None:
@@ -44,6 +45,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
             "SMOLLM_LOG_CONTENT": "yes",
             "SMOLLM_FLASH_ATTN": "On",
             "SMOLLM_ADAPTIVE_THREADS": "false",
+            "SMOLLM_KV_LAYOUT": "per_sequence",
         }
     )
     assert settings.enabled is False
@@ -58,10 +60,11 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
     assert settings.log_content is True
     assert settings.flash_attn is FlashAttention.ON
     assert settings.adaptive_threads is False
+    assert settings.kv_layout is KVLayout.PER_SEQUENCE
 
 
 @pytest.mark.parametrize(
-    ("value", "offloaded_layers", "shared_cache", "expected"),
+    ("value", "offloaded_layers", "several_sequences", "expected"),
     [
         ("auto", 0, False, False),
         ("auto", 0, True, True),
@@ -73,10 +76,10 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
     ],
 )
 def test_flash_attention_is_off_for_one_sequence_on_the_cpu_unless_asked(
-    value: str, offloaded_layers: int, shared_cache: bool, expected: bool
+    value: str, offloaded_layers: int, several_sequences: bool, expected: bool
 ) -> None:
     settings = Settings.from_env({"SMOLLM_FLASH_ATTN": value})
-    assert settings.flash_attention_for(offloaded_layers, shared_cache=shared_cache) is expected
+    assert settings.flash_attention_for(offloaded_layers, several_sequences=several_sequences) is expected
 
 
 def test_relative_model_paths_resolve_from_the_backend_root(tmp_path: Path) -> None:
@@ -97,6 +100,7 @@ def test_relative_model_paths_resolve_from_the_backend_root(tmp_path: Path) -> N
         ({"SMOLLM_REQUEST_TIMEOUT_S": "nan"}, ["SMOLLM_REQUEST_TIMEOUT_S"]),
         ({"SMOLLM_FALLBACK": "retry"}, ["SMOLLM_FALLBACK", "none | echo"]),
         ({"SMOLLM_FLASH_ATTN": "yes"}, ["SMOLLM_FLASH_ATTN", "auto | on | off"]),
+        ({"SMOLLM_KV_LAYOUT": "unified"}, ["SMOLLM_KV_LAYOUT", "shared | per_sequence"]),
         ({"PORT": "70000"}, ["PORT", "65535"]),
         ({"HOST": "a b"}, ["HOST"]),
         ({"SMOLLM_API_KEYS": "short"}, ["SMOLLM_API_KEYS", "16 characters"]),

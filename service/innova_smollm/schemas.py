@@ -180,6 +180,13 @@ class Info(msgspec.Struct, kw_only=True):
     load_time_s: float | None
     flash_attn: Annotated[bool | None, Meta(description="Whether llama.cpp uses flash attention (SMOLLM_FLASH_ATTN).")]
     parallel: Annotated[int, Meta(description="SMOLLM_PARALLEL: sequences decoded together.")]
+    kv_layout: Annotated[
+        str,
+        Meta(
+            description="SMOLLM_KV_LAYOUT: `shared` (one KV cache of n_ctx cells for all sequences) or `per_sequence` "
+            "(n_ctx cells for each); applies when parallel is above 1."
+        ),
+    ]
     max_queue: Annotated[int, Meta(description="SMOLLM_MAX_QUEUE: requests allowed to wait.")]
     max_tokens: Annotated[int, Meta(description="SMOLLM_MAX_TOKENS: server cap on max_tokens.")]
     in_flight: Annotated[int, Meta(description="Requests running or waiting right now.")]

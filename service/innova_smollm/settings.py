@@ -47,6 +47,16 @@ class FlashAttention(StrEnum):
     OFF = "off"
 
 
+class KVLayout(StrEnum):
+    """How the batched engine (SMOLLM_PARALLEL above 1) lays out its KV cache; see engine/batched.py."""
+
+    #: One pool of n_ctx cells for all sequences: the memory of one request's cache, and jobs wait for free cells.
+    SHARED = "shared"
+    #: One stream of n_ctx cells per sequence: parallel times the KV memory, and attention spans only a sequence's
+    #: own cells, which decodes several sequences faster.
+    PER_SEQUENCE = "per_sequence"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     enabled: bool = True
@@ -66,6 +76,7 @@ class Settings:
     #: Keep each finished sequence's tokens in the KV cache so a prompt sharing its prefix is not decoded again
     #: (batched engine; the one-at-a-time engine always reuses the previous prompt's prefix).
     prompt_cache: bool = True
+    kv_layout: KVLayout = KVLayout.SHARED
     request_timeout_s: float = 300.0
     fallback: Fallback = Fallback.NONE
     host: str = "127.0.0.1"
@@ -90,11 +101,11 @@ class Settings:
     def model_name(self) -> str:
         return display_name(self.model_path)
 
-    def flash_attention_for(self, n_gpu_layers: int, *, shared_cache: bool) -> bool:
+    def flash_attention_for(self, n_gpu_layers: int, *, several_sequences: bool) -> bool:
         """Whether llama.cpp should use flash attention once ``n_gpu_layers`` layers are actually offloaded, for a
-        context whose KV cache several sequences share (``shared_cache``) or not."""
+        context that decodes several sequences together (the batched engine, either KV layout) or one."""
         if self.flash_attn is FlashAttention.AUTO:
-            return n_gpu_layers != 0 or shared_cache
+            return n_gpu_layers != 0 or several_sequences
         return self.flash_attn is FlashAttention.ON
 
     @classmethod
@@ -123,6 +134,7 @@ class Settings:
             max_queue=env.integer("SMOLLM_MAX_QUEUE", 8, minimum=0),
             parallel=env.integer("SMOLLM_PARALLEL", 1, minimum=1, maximum=64),
             prompt_cache=env.boolean("SMOLLM_PROMPT_CACHE", True),
+            kv_layout=env.choice("SMOLLM_KV_LAYOUT", KVLayout, KVLayout.SHARED),
             request_timeout_s=env.number("SMOLLM_REQUEST_TIMEOUT_S", 300.0, minimum=0.1),
             fallback=env.choice("SMOLLM_FALLBACK", Fallback, Fallback.NONE),
             host=env.host("HOST", "127.0.0.1"),

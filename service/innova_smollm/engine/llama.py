@@ -195,7 +195,7 @@ class LlamaEngine:
             settings,
             n_ctx=int(self._llama.n_ctx()),
             parallel=1,
-            flash_attn=settings.flash_attention_for(self._model.n_gpu_layers, shared_cache=False),
+            flash_attn=settings.flash_attention_for(self._model.n_gpu_layers, several_sequences=False),
             load_time_s=self._model.open_s,
         )
         self._timeout_s = settings.request_timeout_s
@@ -363,7 +363,7 @@ def _construct(path: Path, settings: Settings, n_gpu_layers: int) -> llama_cpp.L
         n_threads=settings.n_threads,
         n_threads_batch=batch_threads(settings),
         n_gpu_layers=n_gpu_layers,
-        flash_attn=settings.flash_attention_for(n_gpu_layers, shared_cache=False),
+        flash_attn=settings.flash_attention_for(n_gpu_layers, several_sequences=False),
         n_batch=min(512, settings.n_ctx),
         verbose=False,
     )
