@@ -90,6 +90,18 @@ def test_the_threads_come_back_when_the_contention_ends() -> None:
     assert machine.applied[-1] == ThreadCounts(decode=2, batch=4)
 
 
+def test_the_threads_come_back_at_once_when_one_thread_speeds_up_after_the_contention() -> None:
+    # Two busy processes leave one decode thread about two thirds of a core: its steps speed up when they stop.
+    sharing_one_core = {2: 1.0, 1: 0.030}
+    machine = SimulatedMachine()
+    machine.run(5, IDLE.__getitem__)
+    machine.run(30, sharing_one_core.__getitem__)
+    assert machine.governor.settled() == 1
+    machine.run(0.5, IDLE.__getitem__)
+    # Without this, the next up-probe would wait out the interval doubled by the probes lost under contention.
+    assert machine.settled == [2, 1, 2]
+
+
 def test_under_lasting_contention_each_probe_of_more_threads_costs_one_step_and_they_thin_out() -> None:
     machine = SimulatedMachine()
     machine.run(5, IDLE.__getitem__)

@@ -12,7 +12,9 @@ side while the engine decodes: now and then it runs a few steps one rung away an
 faster for the same batch shape. A losing rung is tried again after a doubling interval (up to a minute), so on an
 idle box the probes cost a few steps a minute. A step far slower than the recent ones starts a probe of the
 bottom rung (one thread) at once, so a collapse is left within seconds, and the up-probes then climb back to the
-best rung. Only pure decode steps (no prompt tokens in the batch) are
+best rung. Coming back does not wait for the doubling interval when the steps on a lower rung get clearly faster
+than when the governor moved there: the other process has likely stopped, so more threads are tried at once.
+Only pure decode steps (no prompt tokens in the batch) are
 compared, keyed by how many tokens the step decodes, because steps of different shapes take different times.
 
 Pure logic with an injectable clock: the engines time their steps and apply what :meth:`ThreadGovernor.step_done`
@@ -43,6 +45,8 @@ SLOW_STEP_MIN_S = 0.05
 #: Recent steps kept per (rung, batch shape); home's reference is the median of the last REFERENCE_STEPS of them.
 HISTORY = 8
 REFERENCE_STEPS = 3
+#: Steps on a lower rung this much faster than when the governor moved there: try more threads without waiting.
+EASED_RATIO = 0.8
 FIRST_PROBE_AFTER_S = 2.0
 MAX_PROBE_INTERVAL_S = 60.0
 
@@ -95,6 +99,8 @@ class ThreadGovernor:
         self._interval = {+1: first_probe_after_s, -1: first_probe_after_s}
         self._lock = threading.Lock()  # the engine thread writes, /info and /metrics read
         self._moves = {"fewer": 0, "more": 0}
+        #: (batch shape, step seconds) measured on the current rung when the governor moved to it.
+        self._arrival: tuple[int, float] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -160,8 +166,20 @@ class ThreadGovernor:
             self._start_probe(len(self._rungs) - 1, shape)
         elif fewer and now >= self._next_probe[+1]:
             self._start_probe(self._rung + 1, shape)
-        elif self._rung > 0 and now >= self._next_probe[-1]:
+        elif self._rung > 0 and (now >= self._next_probe[-1] or self._eased(shape)):
             self._start_probe(self._rung - 1, shape)
+
+    def _eased(self, shape: int) -> bool:
+        """Whether this rung's recent steps of ``shape`` got clearly faster than on arrival (contention eased)."""
+        if self._arrival is None or self._arrival[0] != shape:
+            return False
+        recent = list(self._steps(self._rung, shape))[-REFERENCE_STEPS:]
+        typical = statistics.median(recent)
+        if typical >= EASED_RATIO * self._arrival[1]:
+            return False
+        # One look per clear speed-up: if more threads still lose, only a further speed-up tries again this early.
+        self._arrival = (shape, typical)
+        return True
 
     def _start_probe(self, rung: int, shape: int) -> None:
         recent = list(self._steps(self._rung, shape))[-REFERENCE_STEPS:]
@@ -198,6 +216,7 @@ class ThreadGovernor:
             self._next_probe[direction] = now + self._interval[direction]
             return None
         self._rung = probe.rung
+        self._arrival = (probe.shape, measured_s)
         self._moves["fewer" if direction > 0 else "more"] += 1
         # A move means conditions changed: both directions are worth a fresh look soon.
         for each in (+1, -1):
