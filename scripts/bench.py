@@ -148,13 +148,15 @@ def _percentile(values: list[float], pct: float) -> float:
 # --- the peers ----------------------------------------------------------------------------------------------
 
 
-class Peer(Protocol):
+class Streamer(Protocol):
+    def stream(self, prompt: str, max_tokens: int, limit_s: float | None = None) -> StreamResult: ...
+
+
+class Peer(Streamer, Protocol):
     key: str
     name: str
     #: Whether it serves several clients at once (the in-process library does not: it is one Python call).
     concurrent: bool
-
-    def stream(self, prompt: str, max_tokens: int, limit_s: float | None = None) -> StreamResult: ...
 
     def prefill(self, attempt: int) -> float: ...
 
@@ -221,10 +223,10 @@ def stream_chat(port: int, prompt: str, max_tokens: int, timeout_s: float) -> St
         return StreamResult(ok=False, tokens=tokens, error=repr(exc))
     finally:
         connection.close()
-    return _stream_result(started, first, last, tokens, finish)
+    return stream_result(started, first, last, tokens, finish)
 
 
-def _stream_result(
+def stream_result(
     started: float, first: float | None, last: float | None, tokens: int, finish: str | None
 ) -> StreamResult:
     ok = finish in ("stop", "length")
@@ -322,7 +324,7 @@ def inprocess_worker(args: argparse.Namespace) -> None:
             if limit_s is not None and time.perf_counter() - started > limit_s:
                 chunks.close()
                 break
-        return _stream_result(started, first, last, tokens, finish)
+        return stream_result(started, first, last, tokens, finish)
 
     def prefill(attempt: int) -> float:
         started = time.perf_counter()
@@ -540,7 +542,7 @@ def rotated(peers: list[Peer], round_index: int) -> list[Peer]:
     return peers[shift:] + peers[:shift]
 
 
-def run_level(peer: Peer, concurrency: int, requests: int, max_tokens: int) -> LevelResult:
+def run_level(peer: Streamer, concurrency: int, requests: int, max_tokens: int) -> LevelResult:
     results: list[StreamResult] = []
     lock = threading.Lock()
     counter = iter(range(requests))

@@ -11,7 +11,12 @@ What it answers: whether the batches are full (steps of ``--parallel`` tokens), 
 llama.cpp or into our path around it. It is what showed that under 4 clients almost all steps decode 4 sequences
 and 95-98 % of the wall time is inside ``llama_decode`` (README, Performance).
 
+``--direct`` drives the engine itself, without HTTP (each client thread submits jobs and reads their tokens), to
+tell the engine's share from the HTTP path's. ``--env NAME=VALUE`` sets a service variable, e.g. to compare
+``SMOLLM_KV_LAYOUT=per_sequence`` run for run with the default.
+
     .venv/bin/python scripts/bench_steps.py --concurrency 1,4
+    .venv/bin/python scripts/bench_steps.py --direct --concurrency 4 --env SMOLLM_KV_LAYOUT=per_sequence
 """
 
 from __future__ import annotations
@@ -57,14 +62,10 @@ class DecodeTimer:
         return steps
 
 
-def start_service(args: argparse.Namespace) -> tuple[Any, int]:
-    import uvicorn
-
-    from innova_smollm.app import create_app
+def service_settings(args: argparse.Namespace, port: int) -> Any:
     from innova_smollm.settings import Settings
 
-    port = bench.free_port()
-    settings = Settings.from_env(
+    return Settings.from_env(
         {
             "SMOLLM_MODEL_PATH": str(args.model),
             "SMOLLM_N_THREADS": str(args.threads),
@@ -73,8 +74,53 @@ def start_service(args: argparse.Namespace) -> tuple[Any, int]:
             "SMOLLM_MAX_QUEUE": str(max(args.concurrency) * 2),
             "SMOLLM_LOG_LEVEL": "WARNING",
             "PORT": str(port),
+            **dict(args.env),
         }
     )
+
+
+class DirectPeer:
+    """Streams straight from the engine, without HTTP: the tokens a client thread reads from its job's sink."""
+
+    def __init__(self, engine: Any, timeout_s: float) -> None:
+        self._engine, self._timeout_s = engine, timeout_s
+
+    def stream(self, prompt: str, max_tokens: int, limit_s: float | None = None) -> bench.StreamResult:
+        from innova_smollm.generation import ChatMessage, GenerationJob, SamplingParams
+        from innova_smollm.sinks import BlockingSink, Failed, Finished, Text
+
+        timeout_s = limit_s or self._timeout_s
+        started = time.perf_counter()
+        prompt_tokens = self._engine.tokenize_chat([ChatMessage(role="user", content=prompt)])
+        job = GenerationJob(
+            prompt_tokens=tuple(prompt_tokens),
+            max_tokens=max_tokens,
+            sampling=SamplingParams(temperature=0.0),
+            deadline=time.monotonic() + timeout_s,
+        )
+        sink = BlockingSink()
+        self._engine.submit(job, sink)
+        first = last = None
+        tokens = 0
+        while True:
+            event = sink.get(timeout=timeout_s)
+            if isinstance(event, Text):
+                last = time.perf_counter()
+                first = first if first is not None else last
+                tokens += 1  # like the HTTP client: one chunk, one token
+            elif isinstance(event, Finished):
+                return bench.stream_result(started, first, last, tokens, str(event.reason))
+            elif isinstance(event, Failed):
+                return bench.StreamResult(ok=False, tokens=tokens, error=repr(event.error))
+
+
+def start_service(args: argparse.Namespace) -> tuple[Any, int]:
+    import uvicorn
+
+    from innova_smollm.app import create_app
+
+    port = bench.free_port()
+    settings = service_settings(args, port)
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None, access_log=False)
     )
@@ -115,14 +161,42 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=lambda text: [int(part) for part in text.split(",")], default=[1, 4])
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--request-timeout", type=float, default=300.0)
+    parser.add_argument("--direct", action="store_true", help="drive the engine itself instead of the HTTP service")
+    parser.add_argument(
+        "--env",
+        type=_assignment,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a service variable for this run, e.g. SMOLLM_KV_LAYOUT=per_sequence (repeatable)",
+    )
     return parser.parse_args()
+
+
+def _assignment(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not name or not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE")
+    return name, value
 
 
 def main() -> int:
     args = parse_args()
     timer = DecodeTimer()  # before the engine loads, so every decode of the service goes through it
-    server, port = start_service(args)
-    peer = bench.HttpPeer("b", "innova-smollm in this process", port, os.getpid(), args.request_timeout)
+    peer: bench.Streamer
+    if args.direct:
+        from innova_smollm.engine import load_engine
+
+        engine = load_engine(service_settings(args, bench.free_port()))  # the port goes unused
+        peer = DirectPeer(engine, args.request_timeout)
+        stop: Callable[[], None] = engine.close
+    else:
+        server, port = start_service(args)
+        peer = bench.HttpPeer("b", "innova-smollm in this process", port, os.getpid(), args.request_timeout)
+
+        def stop() -> None:
+            server.should_exit = True
+
     try:
         for concurrency in args.concurrency:
             timer.take()
@@ -131,7 +205,7 @@ def main() -> int:
             wall_s = time.perf_counter() - started
             print(report(concurrency, level, timer.take(), wall_s), end="\n\n", flush=True)
     finally:
-        server.should_exit = True
+        stop()
     return 0
 
 

@@ -54,3 +54,24 @@ def test_step_profile_counts_every_decode_of_the_service(model_path: Path) -> No
     rows = result.stdout.split("\n\n")[1].splitlines()[2:]
     steps_by_size = {int(row.split("|")[1]): int(row.split("|")[2]) for row in rows}
     assert steps_by_size.get(1, 0) >= 1 and max(steps_by_size) > 2
+
+
+def test_step_profile_drives_the_engine_directly_with_a_service_variable(model_path: Path) -> None:
+    argv = [sys.executable, "scripts/bench_steps.py", "--model", str(model_path), "--max-tokens", "8", "--direct"]
+    argv += ["--concurrency", "2", "--requests-per-client", "2", "--parallel", "2"]
+    argv += ["--env", "SMOLLM_KV_LAYOUT=per_sequence", "--env", "SMOLLM_PROMPT_CACHE=false"]
+    result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = next(line for line in result.stdout.splitlines() if " client(s): " in line)
+    assert summary.startswith("2 client(s): ") and "cut short 0/4" in summary
+    # Four jobs of 8 tokens, two at a time: the steps that decode both sequences are most of the run.
+    rows = result.stdout.split("\n\n")[1].splitlines()[2:]
+    steps_by_size = {int(row.split("|")[1]): int(row.split("|")[2]) for row in rows}
+    assert steps_by_size.get(2, 0) >= 8, steps_by_size
+
+
+def test_step_profile_refuses_a_malformed_variable(model_path: Path) -> None:
+    argv = [sys.executable, "scripts/bench_steps.py", "--model", str(model_path), "--direct", "--env", "KV"]
+    result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert "'KV': expected NAME=VALUE" in result.stderr
