@@ -42,6 +42,12 @@ def test_side_by_side_bench_writes_its_table(model_path: Path, tmp_path: Path) -
     assert all(peer["contended"][0]["tokens"] > 0 for peer in samples)
 
 
+def _first_level_steps_by_size(stdout: str) -> dict[int, int]:
+    """bench_steps.py's first table: how many steps decoded each batch size."""
+    rows = stdout.split("\n\n")[1].splitlines()[2:]
+    return {int(row.split("|")[1]): int(row.split("|")[2]) for row in rows}
+
+
 def test_step_profile_counts_every_decode_of_the_service(model_path: Path) -> None:
     argv = [sys.executable, "scripts/bench_steps.py", "--model", str(model_path), "--max-tokens", "8"]
     argv += ["--concurrency", "1,2", "--requests-per-client", "1", "--parallel", "2"]
@@ -51,8 +57,7 @@ def test_step_profile_counts_every_decode_of_the_service(model_path: Path) -> No
     assert [line.split(" ")[0] for line in summaries] == ["1", "2"]
     assert all("cut short 0/" in line and "inside llama_decode" in line for line in summaries)
     # One client decodes one token a step, after the step that carried its prompt.
-    rows = result.stdout.split("\n\n")[1].splitlines()[2:]
-    steps_by_size = {int(row.split("|")[1]): int(row.split("|")[2]) for row in rows}
+    steps_by_size = _first_level_steps_by_size(result.stdout)
     assert steps_by_size.get(1, 0) >= 1 and max(steps_by_size) > 2
 
 
@@ -65,8 +70,7 @@ def test_step_profile_drives_the_engine_directly_with_a_service_variable(model_p
     summary = next(line for line in result.stdout.splitlines() if " client(s): " in line)
     assert summary.startswith("2 client(s): ") and "cut short 0/4" in summary
     # Four jobs of 8 tokens, two at a time: the steps that decode both sequences are most of the run.
-    rows = result.stdout.split("\n\n")[1].splitlines()[2:]
-    steps_by_size = {int(row.split("|")[1]): int(row.split("|")[2]) for row in rows}
+    steps_by_size = _first_level_steps_by_size(result.stdout)
     assert steps_by_size.get(2, 0) >= 8, steps_by_size
 
 
