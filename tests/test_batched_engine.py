@@ -23,6 +23,7 @@ product is batched too, answers flip at near-ties a few tokens earlier, and
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from innova_smollm.settings import FlashAttention, KVLayout, Settings
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from innova_smollm.engine.batched import BatchedLlamaEngine, choose_sequence  # noqa: E402
+from innova_smollm.engine.saved_states import SavedState, common_prefix_length  # noqa: E402
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -421,6 +423,73 @@ def test_batch_mates_served_from_the_cache_repeat_exactly(cached: BatchedLlamaEn
         assert all(sink.error is None and sink.answer.strip() for sink in sinks)
     assert [sink.answer for sink in rounds[1]] == [sink.answer for sink in rounds[2]]
     assert _cells_add_up(cached)
+
+
+@pytest.fixture(scope="module")
+def saving() -> Iterator[BatchedLlamaEngine]:
+    loaded = BatchedLlamaEngine(_settings(prompt_cache=True, parallel=2, n_ctx=1024))
+    yield loaded
+    loaded.close()
+
+
+def _push_out(engine: BatchedLlamaEngine, prompt: GenerationJob) -> None:
+    """Run two other prompts side by side, so both sequence ids are taken and ``prompt``'s cells are cut."""
+    _run_together(engine, [_job(engine, PROMPTS[1]), _job(engine, PROMPTS[2])])
+    tokens = prompt.prompt_tokens
+    assert all(common_prefix_length(held, tokens) < len(tokens) - 1 for held in engine._idle.values())
+
+
+def test_a_prompt_whose_cells_were_taken_over_comes_back_from_host_memory(saving: BatchedLlamaEngine) -> None:
+    job = _job(saving, PROMPTS[0])
+    first = _run(saving, [job])[0]
+    _push_out(saving, job)
+    count, restored = PrefillCount(saving), saving.states_restored
+    again = _run(saving, [_job(saving, PROMPTS[0])])[0]
+    assert (count.reused, count.prefilled) == (len(job.prompt_tokens) - 1, 1)
+    assert saving.states_restored == restored + 1
+    # Now the prompt is in the KV cache itself: the same cells, the same last token decoded alone. A restored cell
+    # that differed from the saved one in any bit would show up as another answer.
+    repeat = _run(saving, [_job(saving, PROMPTS[0])])[0]
+    assert again.answer == repeat.answer
+    assert _common_prefix(again.answer, first.answer) >= min(AGREED_PREFIX_CHARS, len(first.answer))
+    assert _cells_add_up(saving)
+
+
+def test_a_saved_state_llama_cpp_refuses_leaves_the_job_to_decode_its_prompt(
+    saving: BatchedLlamaEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    job = _job(saving, PROMPTS[3])
+    first = _run(saving, [job])[0]
+    _push_out(saving, job)
+    store = saving._saved
+    assert store is not None and store.best_for(job.prompt_tokens)[1] == len(job.prompt_tokens) - 1
+    broken, _ = store.best_for(job.prompt_tokens)
+    assert broken is not None
+    # Same size, nothing but zeros: llama.cpp reads no valid header and refuses it.
+    store.drop(broken)
+    store.add(SavedState(broken.tokens, (ctypes.c_uint8 * broken.size)(), broken.size))
+    count = PrefillCount(saving)
+    with caplog.at_level("WARNING", logger="innova_smollm.engine.batched"):
+        again = _run(saving, [_job(saving, PROMPTS[3])])[0]
+    assert again.error is None and again.answer == first.answer
+    assert count.prefilled == len(job.prompt_tokens)
+    assert "could not restore a saved prompt state" in caplog.text
+    assert store.best_for(job.prompt_tokens)[1] < len(job.prompt_tokens) - 1, "the refused state should be dropped"
+    assert _cells_add_up(saving)
+
+
+def test_with_no_memory_for_saved_states_a_pushed_out_prompt_is_decoded_again() -> None:
+    loaded = BatchedLlamaEngine(_settings(prompt_cache=True, prompt_cache_mb=0, parallel=2, n_ctx=1024))
+    try:
+        job = _job(loaded, PROMPTS[0])
+        _run(loaded, [job])
+        _push_out(loaded, job)
+        count = PrefillCount(loaded)
+        assert _run(loaded, [_job(loaded, PROMPTS[0])])[0].error is None
+        assert count.prefilled > 1
+        assert (loaded.states_saved, loaded.states_restored) == (0, 0)
+    finally:
+        loaded.close()
 
 
 def test_without_the_prompt_cache_every_prompt_is_decoded_whole(engine: BatchedLlamaEngine) -> None:

@@ -46,6 +46,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
             "SMOLLM_FLASH_ATTN": "On",
             "SMOLLM_ADAPTIVE_THREADS": "false",
             "SMOLLM_KV_LAYOUT": "per_sequence",
+            "SMOLLM_PROMPT_CACHE_MB": "0",
         }
     )
     assert settings.enabled is False
@@ -61,6 +62,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
     assert settings.flash_attn is FlashAttention.ON
     assert settings.adaptive_threads is False
     assert settings.kv_layout is KVLayout.PER_SEQUENCE
+    assert settings.prompt_cache_mb == 0
 
 
 @pytest.mark.parametrize(
@@ -96,6 +98,7 @@ def test_relative_model_paths_resolve_from_the_backend_root(tmp_path: Path) -> N
         ({"SMOLLM_N_CTX": "big"}, ["SMOLLM_N_CTX", "not an integer"]),
         ({"SMOLLM_N_CTX": "8"}, ["SMOLLM_N_CTX", ">= 64"]),
         ({"SMOLLM_MAX_QUEUE": "-1"}, ["SMOLLM_MAX_QUEUE"]),
+        ({"SMOLLM_PROMPT_CACHE_MB": "-5"}, ["SMOLLM_PROMPT_CACHE_MB"]),
         ({"SMOLLM_REQUEST_TIMEOUT_S": "inf"}, ["SMOLLM_REQUEST_TIMEOUT_S"]),
         ({"SMOLLM_REQUEST_TIMEOUT_S": "nan"}, ["SMOLLM_REQUEST_TIMEOUT_S"]),
         ({"SMOLLM_FALLBACK": "retry"}, ["SMOLLM_FALLBACK", "none | echo"]),

@@ -76,6 +76,9 @@ class Settings:
     #: Keep each finished sequence's tokens in the KV cache so a prompt sharing its prefix is not decoded again
     #: (batched engine; the one-at-a-time engine always reuses the previous prompt's prefix).
     prompt_cache: bool = True
+    #: Host memory for KV states saved from sequences whose cells a new job takes over, restored when a later prompt
+    #: starts the same way (batched engine with the prompt cache on; 0: none). See engine/saved_states.py.
+    prompt_cache_mb: int = 256
     kv_layout: KVLayout = KVLayout.SHARED
     request_timeout_s: float = 300.0
     fallback: Fallback = Fallback.NONE
@@ -134,6 +137,7 @@ class Settings:
             max_queue=env.integer("SMOLLM_MAX_QUEUE", 8, minimum=0),
             parallel=env.integer("SMOLLM_PARALLEL", 1, minimum=1, maximum=64),
             prompt_cache=env.boolean("SMOLLM_PROMPT_CACHE", True),
+            prompt_cache_mb=env.integer("SMOLLM_PROMPT_CACHE_MB", 256, minimum=0),
             kv_layout=env.choice("SMOLLM_KV_LAYOUT", KVLayout, KVLayout.SHARED),
             request_timeout_s=env.number("SMOLLM_REQUEST_TIMEOUT_S", 300.0, minimum=0.1),
             fallback=env.choice("SMOLLM_FALLBACK", Fallback, Fallback.NONE),

@@ -27,11 +27,17 @@ id. A new job takes the idle id whose tokens share the longest prefix with its p
 only what differs: the chat template's system prompt, and in a multi-turn chat the whole earlier conversation, are
 not decoded again. Idle cells count against the free cells, and the least recently used are dropped as soon as a
 job needs room, so the cache never delays a job. ``SMOLLM_PROMPT_CACHE=false`` turns it off.
+
+There are only ``parallel`` sequence ids, so under load the id a job takes usually holds another conversation. Before
+those cells are cut, the sequence's KV state is copied to host memory (engine/saved_states.py, at most
+``SMOLLM_PROMPT_CACHE_MB``), and a job whose prompt shares a longer prefix with a saved state than with any idle
+sequence gets that state copied back instead of decoding the prefix again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import queue
 import random
@@ -46,6 +52,7 @@ import llama_cpp
 
 from innova_smollm.decode_threads import ThreadGovernor
 from innova_smollm.engine.llama import GGUFModel, batch_threads, new_thread_governor, set_threads
+from innova_smollm.engine.saved_states import SavedState, SavedStates, common_prefix_length
 from innova_smollm.errors import (
     ContextLengthExceededError,
     GenerationError,
@@ -69,6 +76,11 @@ MAX_BATCH_TOKENS = 512
 #: While other sequences are generating, a new prompt is prefilled at most this many tokens per step, so a long
 #: prompt delays the running streams by one short chunk per step instead of by its whole prefill.
 PREFILL_CHUNK_WHILE_DECODING = 128
+
+#: A saved state is restored only when it spares at least this many prompt tokens more than the best idle sequence,
+#: and a sequence's state is saved only when at least this many of its cached tokens are about to be cut. Copying
+#: a state costs microseconds per token; decoding a token costs milliseconds, so the bar is low.
+MIN_SAVED_STATE_GAIN = 4
 
 #: Tokens of history the repeat penalty looks at (llama-cpp-python's default ``last_n_tokens_size``).
 PENALTY_LAST_N = 64
@@ -160,12 +172,17 @@ class BatchedLlamaEngine:
         #: Sequence ids not running, least recently used first, each with the tokens its KV cells still hold.
         self._idle: dict[int, list[int]] = {seq_id: [] for seq_id in range(self._parallel)}
         self._prompt_cache = settings.prompt_cache
+        saves_states = settings.prompt_cache and settings.prompt_cache_mb > 0
+        self._saved = SavedStates(settings.prompt_cache_mb * 2**20) if saves_states else None
         #: Cells neither reserved by a running job nor held by an idle sequence's cached tokens. Per sequence, the
         #: count spans all streams, so it never holds a job back: a free sequence id always has a whole window.
         self._free_cells = self._total_cells
         #: Prompt tokens taken from the cache and prompt tokens decoded, since start (diagnostics, /metrics).
         self.prompt_tokens_reused = 0
         self.prompt_tokens_prefilled = 0
+        #: Sequence states copied to host memory and copied back (diagnostics).
+        self.states_saved = 0
+        self.states_restored = 0
         self._stopping = False
         self._closed = False
         self._worker = threading.Thread(target=self._serve, name="llama-batched-engine", daemon=True)
@@ -274,7 +291,18 @@ class BatchedLlamaEngine:
                     return  # the head waits for cells; later jobs wait behind it so a long job is never starved
             self._waiting.popleft()
             cached = self._idle.pop(seq_id)
-            reused = self._trim(seq_id, keep=reusable) if cached else 0
+            saved, saved_reuse = self._saved.best_for(prompt) if self._saved is not None else (None, 0)
+            # The restored state occupies all its cells until it is trimmed: they must be free, not promised.
+            if saved is not None and (
+                saved_reuse < reusable + MIN_SAVED_STATE_GAIN or len(saved.tokens) > self._free_cells + len(cached)
+            ):
+                saved = None
+            keep = 0 if saved is not None else reusable
+            if len(cached) - keep >= MIN_SAVED_STATE_GAIN:
+                self._save_state(seq_id, cached)
+            reused = self._trim(seq_id, keep=keep) if cached else 0
+            if saved is not None:
+                reused = self._restore_state(seq_id, saved, keep=saved_reuse)
             # The sequence's cached cells become part of this job's reservation.
             self._free_cells += len(cached) - needed
             running = _Running(job, sink, seq_id, self._new_sampler(job))
@@ -298,6 +326,36 @@ class BatchedLlamaEngine:
         llama_cpp.llama_memory_seq_rm(memory, seq_id, -1, -1)
         return 0
 
+    def _save_state(self, seq_id: int, tokens: list[int]) -> None:
+        """Copy an idle sequence's KV state to host memory before its cells are cut."""
+        saved = self._saved
+        # A sliding-window cache may have dropped the first positions: such a state could not stand for a prefix.
+        if saved is None or saved.covers(tokens) or llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id) != 0:
+            return
+        size = int(llama_cpp.llama_state_seq_get_size(self._ctx, seq_id))
+        if size <= 0 or size > saved.limit_bytes:
+            return
+        data = (ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data(self._ctx, data, size, seq_id) != size:
+            return
+        if saved.add(SavedState(tuple(tokens), data, size)):
+            self.states_saved += 1
+
+    def _restore_state(self, seq_id: int, state: SavedState, *, keep: int) -> int:
+        """Copy a saved state into the empty sequence ``seq_id`` and keep its first ``keep`` cells; returns how many
+        cells it kept (0 when llama.cpp refused the state: the job then decodes its whole prompt)."""
+        assert self._saved is not None
+        if not llama_cpp.llama_state_seq_set_data(self._ctx, state.data, state.size, seq_id):
+            # llama.cpp found no run of free cells long enough (the shared cache can be fragmented) or rejected
+            # the data; it left the sequence empty. The state is dropped so the next job does not try it again.
+            log.warning("could not restore a saved prompt state of %d tokens; decoding the prompt", len(state.tokens))
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            self._saved.drop(state)
+            return 0
+        self._saved.used(state)
+        self.states_restored += 1
+        return self._trim(seq_id, keep=keep)
+
     def _drop_idle_caches(self, *, keep: int, until_free: int) -> None:
         """Free idle sequences' cached cells, least recently used first, until ``until_free`` cells are free."""
         for seq_id, cached in self._idle.items():
@@ -305,6 +363,8 @@ class BatchedLlamaEngine:
                 return
             if seq_id == keep or not cached:
                 continue
+            if len(cached) >= MIN_SAVED_STATE_GAIN:
+                self._save_state(seq_id, cached)
             llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
             self._free_cells += len(cached)
             self._idle[seq_id] = []
@@ -541,7 +601,7 @@ def choose_sequence(
     best: tuple[int, int, bool] | None = None
     best_seq = best_reuse = -1
     for seq_id, cached in idle.items():
-        reuse = min(_common_prefix_length(cached, prompt), len(prompt) - 1)
+        reuse = common_prefix_length(cached, prompt, len(prompt) - 1)
         ubatches = _consecutive_runs(sorted([*taken, seq_id])) if per_sequence else 0
         key = (ubatches, -reuse, bool(cached))
         if best is None or key < best:
@@ -552,11 +612,3 @@ def choose_sequence(
 def _consecutive_runs(ids: Sequence[int]) -> int:
     """How many runs of consecutive numbers the sorted ``ids`` fall into (llama.cpp's ubatches per sequence step)."""
     return sum(1 for index, seq_id in enumerate(ids) if index == 0 or seq_id != ids[index - 1] + 1)
-
-
-def _common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
-    length = min(len(first), len(second))
-    for index in range(length):
-        if first[index] != second[index]:
-            return index
-    return length
