@@ -103,6 +103,8 @@ class PeerFigures:
     available: bool = True
     note: str = ""
     rss_mb: float = float("nan")
+    #: How many windows of KV cache the peer holds: its SMOLLM_PARALLEL with one stream per sequence, else 1.
+    kv_caches: int = 1
     single: list[StreamResult] = field(default_factory=list)
     prefill_tok_s: list[float] = field(default_factory=list)
     levels: dict[int, list[LevelResult]] = field(default_factory=dict)
@@ -157,6 +159,7 @@ class Peer(Streamer, Protocol):
     name: str
     #: Whether it serves several clients at once (the in-process library does not: it is one Python call).
     concurrent: bool
+    kv_caches: int
 
     def prefill(self, attempt: int) -> float: ...
 
@@ -166,8 +169,9 @@ class Peer(Streamer, Protocol):
 class HttpPeer:
     concurrent = True
 
-    def __init__(self, key: str, name: str, port: int, pid: int, timeout_s: float) -> None:
+    def __init__(self, key: str, name: str, port: int, pid: int, timeout_s: float, *, kv_caches: int = 1) -> None:
         self.key, self.name, self.port, self.pid, self.timeout_s = key, name, port, pid, timeout_s
+        self.kv_caches = kv_caches
 
     def stream(self, prompt: str, max_tokens: int, limit_s: float | None = None) -> StreamResult:
         return stream_chat(self.port, prompt, max_tokens, limit_s or self.timeout_s)
@@ -268,6 +272,7 @@ class InProcessPeer:
     """llama-cpp-python's ``Llama`` in a child process that takes one command per line on stdin."""
 
     concurrent = False
+    kv_caches = 1
 
     def __init__(self, process: subprocess.Popen[str]) -> None:
         self.key, self.name = "a", "llama-cpp-python in process"
@@ -446,7 +451,21 @@ def our_service(
     # /v1/models answers while the model is still loading; the health route says 200 only once it serves.
     with server(argv, env, args.out / f"server-{key}.log", "/innova/api/smollm/health", port) as pid:
         settings = ", ".join([f"SMOLLM_PARALLEL={parallel}", *(f"{k}={v}" for k, v in (extra_env or {}).items())])
-        yield HttpPeer(key, f"innova-smollm ({settings})", port, pid, args.request_timeout)
+        # SMOLLM_KV_LAYOUT=auto is decided at load; /info says what it became.
+        layout = kv_layout_of(port)
+        kv_caches = parallel if layout == "per_sequence" and parallel > 1 else 1
+        name = f"innova-smollm ({settings}; KV {layout})"
+        yield HttpPeer(key, name, port, pid, args.request_timeout, kv_caches=kv_caches)
+
+
+def kv_layout_of(port: int) -> str:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", "/innova/api/smollm/info")
+        info = json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
+    return str(info.get("kv_layout", "unknown"))
 
 
 @contextlib.contextmanager
@@ -578,6 +597,7 @@ def measure(peers: list[Peer], args: argparse.Namespace) -> dict[str, PeerFigure
     for peer in peers:
         peer.stream("Say hello.", 8)  # warm-up: first allocations, template compilation
         figures[peer.key].rss_mb = peer.rss_mb()
+        figures[peer.key].kv_caches = peer.kv_caches
     print(f"one client: {args.single_repeats} rounds", flush=True)
     for round_index in range(args.single_repeats):
         prompt = STORY_PROMPTS[round_index % len(STORY_PROMPTS)]
@@ -788,11 +808,13 @@ def target_lines(figures: dict[str, PeerFigures], args: argparse.Namespace) -> l
     if base is not None:
         cut, total = base.cut_short()
         lines.append(f"- streams cut short by (b): {cut}/{total}: {'met' if cut == 0 else 'NOT MET'}")
-        budget = args.model.stat().st_size / 2**20 + kv_cache_mb(args.model, args.n_ctx) + MEMORY_OVERHEAD_BUDGET_MB
+        kv_mb = kv_cache_mb(args.model, args.n_ctx) * base.kv_caches
+        budget = args.model.stat().st_size / 2**20 + kv_mb + MEMORY_OVERHEAD_BUDGET_MB
         verdict = "met" if base.rss_mb <= budget else "NOT MET"
+        caches = f"{base.kv_caches} x " if base.kv_caches > 1 else ""
         lines.append(
-            f"- memory of (b) after load: {base.rss_mb:.0f} MB, budget {budget:.0f} MB "
-            f"(model file + KV cache at n_ctx {args.n_ctx} + {MEMORY_OVERHEAD_BUDGET_MB} MB): {verdict}"
+            f"- memory of (b) after load: {base.rss_mb:.0f} MB, budget {budget:.0f} MB (model file + KV cache of "
+            f"{caches}n_ctx {args.n_ctx} = {kv_mb:.0f} MiB + {MEMORY_OVERHEAD_BUDGET_MB} MB): {verdict}"
         )
     return lines
 

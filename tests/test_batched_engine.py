@@ -37,7 +37,7 @@ from innova_smollm.settings import FlashAttention, KVLayout, Settings
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from innova_smollm.engine.batched import BatchedLlamaEngine, choose_sequence  # noqa: E402
+from innova_smollm.engine.batched import BatchedLlamaEngine, choose_sequence, resolve_kv_layout  # noqa: E402
 from innova_smollm.engine.saved_states import SavedState, common_prefix_length  # noqa: E402
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -120,6 +120,8 @@ def _settings(**overrides: object) -> Settings:
         "n_ctx": 2048,
         "parallel": 4,
         "flash_attn": FlashAttention.ON,
+        # Pinned: ``auto`` would pick per_sequence for this small model, and the per_sequence tests set it.
+        "kv_layout": KVLayout.SHARED,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -502,6 +504,34 @@ def test_without_the_prompt_cache_every_prompt_is_decoded_whole(engine: BatchedL
 
 #: With batched attention products (flash attention off) the alone and batched answers still agree this far.
 AGREED_PREFIX_CHARS_BATCHED_ATTENTION = 8
+
+
+def test_auto_layout_gives_this_small_model_a_stream_per_sequence() -> None:
+    loaded = BatchedLlamaEngine(_settings(kv_layout=KVLayout.AUTO, parallel=2, n_ctx=512))
+    try:
+        # SmolLM2-135M: 30 layers x 3 KV heads x (64 + 64) dims x 2 bytes per cell.
+        assert loaded._model.kv_bytes_per_cell() == 30 * 3 * 128 * 2
+        assert loaded.metadata.kv_layout == "per_sequence"
+        assert loaded._total_cells == 2 * 512
+    finally:
+        loaded.close()
+
+
+@pytest.mark.parametrize(
+    ("requested", "parallel", "window_mib", "expected"),
+    [
+        (KVLayout.AUTO, 4, 45, KVLayout.PER_SEQUENCE),  # SmolLM2 at 2048 tokens: 135 MiB more
+        (KVLayout.AUTO, 4, 448, KVLayout.SHARED),  # a 3B model at 4096 tokens: 1.3 GiB more
+        (KVLayout.AUTO, 2, 512, KVLayout.PER_SEQUENCE),  # exactly the budget
+        (KVLayout.AUTO, 3, 257, KVLayout.SHARED),
+        (KVLayout.SHARED, 4, 1, KVLayout.SHARED),
+        (KVLayout.PER_SEQUENCE, 4, 448, KVLayout.PER_SEQUENCE),
+    ],
+)
+def test_auto_layout_spends_at_most_the_budget_on_streams_per_sequence(
+    requested: KVLayout, parallel: int, window_mib: int, expected: KVLayout
+) -> None:
+    assert resolve_kv_layout(requested, parallel=parallel, window_bytes=window_mib * 2**20) is expected
 
 
 @pytest.mark.parametrize("layout", list(KVLayout))

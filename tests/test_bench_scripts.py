@@ -31,7 +31,9 @@ def test_side_by_side_bench_writes_its_table(model_path: Path, tmp_path: Path) -
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     table = (tmp_path / "latest.md").read_text()
     assert "| (a) llama-cpp-python in process |" in table
-    assert "| (b) innova-smollm (SMOLLM_PARALLEL=4) |" in table
+    # SMOLLM_KV_LAYOUT=auto gives this small model one stream per sequence; the name says so, from /info.
+    assert "| (b) innova-smollm (SMOLLM_PARALLEL=4; KV per_sequence) |" in table
+    assert "KV cache of 4 x n_ctx 2048" in result.stdout
     # Every request of both levels, in both rounds, ended with a finish_reason.
     assert result.stdout.count("cut short 0/2") == 4
     # The peers took turns: each round's ratio is in the table, and the contention phase ran for both peers.

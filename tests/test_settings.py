@@ -22,7 +22,7 @@ def test_defaults_follow_the_contract(tmp_path: Path) -> None:
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.log_content is False
     assert settings.adaptive_threads is True
-    assert settings.kv_layout is KVLayout.SHARED
+    assert settings.kv_layout is KVLayout.AUTO
 
 
 def test_every_variable_is_read(tmp_path: Path) -> None:

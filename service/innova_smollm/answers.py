@@ -59,7 +59,7 @@ def service_info(service: SmolLMService) -> Info:
         load_time_s=meta.load_time_s if meta else None,
         flash_attn=meta.flash_attn if meta else None,
         parallel=settings.parallel,
-        kv_layout=settings.kv_layout.value,
+        kv_layout=meta.kv_layout if meta else settings.kv_layout.value,
         max_queue=settings.max_queue,
         max_tokens=settings.max_tokens,
         in_flight=service.in_flight,

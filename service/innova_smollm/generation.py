@@ -110,6 +110,8 @@ class ModelMetadata:
     load_time_s: float
     parallel: int
     flash_attn: bool
+    #: The KV layout in use: SMOLLM_KV_LAYOUT with ``auto`` resolved by the batched engine.
+    kv_layout: str
 
 
 class Engine(Protocol):

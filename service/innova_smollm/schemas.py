@@ -183,8 +183,9 @@ class Info(msgspec.Struct, kw_only=True):
     kv_layout: Annotated[
         str,
         Meta(
-            description="SMOLLM_KV_LAYOUT: `shared` (one KV cache of n_ctx cells for all sequences) or `per_sequence` "
-            "(n_ctx cells for each); applies when parallel is above 1."
+            description="The KV layout in use (SMOLLM_KV_LAYOUT, `auto` resolved once the model is loaded): `shared` "
+            "(one KV cache of n_ctx cells for all sequences) or `per_sequence` (n_ctx cells for each); applies when "
+            "parallel is above 1."
         ),
     ]
     max_queue: Annotated[int, Meta(description="SMOLLM_MAX_QUEUE: requests allowed to wait.")]

@@ -50,6 +50,11 @@ class FlashAttention(StrEnum):
 class KVLayout(StrEnum):
     """How the batched engine (SMOLLM_PARALLEL above 1) lays out its KV cache; see engine/batched.py."""
 
+    #: per_sequence when its extra KV memory, (parallel - 1) x one window's cache, is at most
+    #: engine.batched.PER_SEQUENCE_EXTRA_KV_BYTES (512 MiB), else shared: the speed where it is cheap (a small
+    #: model or a short window), one window's memory where it is not (a 3B model at 4096 tokens and 4 sequences
+    #: would need 1.3 GB more).
+    AUTO = "auto"
     #: One pool of n_ctx cells for all sequences: the memory of one request's cache, and jobs wait for free cells.
     SHARED = "shared"
     #: One stream of n_ctx cells per sequence: parallel times the KV memory, and attention spans only a sequence's
@@ -79,7 +84,7 @@ class Settings:
     #: Host memory for KV states saved from sequences whose cells a new job takes over, restored when a later prompt
     #: starts the same way (batched engine with the prompt cache on; 0: none). See engine/saved_states.py.
     prompt_cache_mb: int = 256
-    kv_layout: KVLayout = KVLayout.SHARED
+    kv_layout: KVLayout = KVLayout.AUTO
     request_timeout_s: float = 300.0
     fallback: Fallback = Fallback.NONE
     host: str = "127.0.0.1"
@@ -138,7 +143,7 @@ class Settings:
             parallel=env.integer("SMOLLM_PARALLEL", 1, minimum=1, maximum=64),
             prompt_cache=env.boolean("SMOLLM_PROMPT_CACHE", True),
             prompt_cache_mb=env.integer("SMOLLM_PROMPT_CACHE_MB", 256, minimum=0),
-            kv_layout=env.choice("SMOLLM_KV_LAYOUT", KVLayout, KVLayout.SHARED),
+            kv_layout=env.choice("SMOLLM_KV_LAYOUT", KVLayout, KVLayout.AUTO),
             request_timeout_s=env.number("SMOLLM_REQUEST_TIMEOUT_S", 300.0, minimum=0.1),
             fallback=env.choice("SMOLLM_FALLBACK", Fallback, Fallback.NONE),
             host=env.host("HOST", "127.0.0.1"),

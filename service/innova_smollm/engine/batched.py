@@ -82,6 +82,11 @@ PREFILL_CHUNK_WHILE_DECODING = 128
 #: a state costs microseconds per token; decoding a token costs milliseconds, so the bar is low.
 MIN_SAVED_STATE_GAIN = 4
 
+#: Most extra KV memory ``SMOLLM_KV_LAYOUT=auto`` spends on one stream per sequence. Measured on the 2-core host with
+#: SmolLM2 at 4 clients, per_sequence decoded 1.10x the shared cache through HTTP (README, Performance); for the
+#: 135M model at 2048 tokens it costs 135 MiB more, for a 3B model at 4096 tokens 1.3 GiB, past this budget.
+PER_SEQUENCE_EXTRA_KV_BYTES = 512 * 2**20
+
 #: Tokens of history the repeat penalty looks at (llama-cpp-python's default ``last_n_tokens_size``).
 PENALTY_LAST_N = 64
 
@@ -138,7 +143,12 @@ class BatchedLlamaEngine:
         self._vocab = self._model.vocab
         self._parallel = settings.parallel
         self._n_batch = min(MAX_BATCH_TOKENS, settings.n_ctx)
-        self._per_sequence = settings.kv_layout is KVLayout.PER_SEQUENCE
+        self._kv_layout = resolve_kv_layout(
+            settings.kv_layout,
+            parallel=self._parallel,
+            window_bytes=settings.n_ctx * self._model.kv_bytes_per_cell(),
+        )
+        self._per_sequence = self._kv_layout is KVLayout.PER_SEQUENCE
         self._flash_attn = settings.flash_attention_for(self._model.n_gpu_layers, several_sequences=True)
         self._ctx = self._new_context(settings, path)
         #: The window of one request: the whole cache when shared, its own stream when per sequence.
@@ -152,6 +162,7 @@ class BatchedLlamaEngine:
             parallel=self._parallel,
             flash_attn=self._flash_attn,
             load_time_s=time.perf_counter() - started,
+            kv_layout=self._kv_layout,
         )
         self._timeout_s = settings.request_timeout_s
         self._threads = new_thread_governor(settings)
@@ -555,7 +566,7 @@ class BatchedLlamaEngine:
             self._model.close()
             raise ModelLoadError(
                 f"llama.cpp could not create a context for {path} with n_ctx={settings.n_ctx} and "
-                f"{self._parallel} parallel sequences, KV layout {settings.kv_layout.value} (out of memory?)"
+                f"{self._parallel} parallel sequences, KV layout {self._kv_layout.value} (out of memory?)"
             )
         return ctx
 
@@ -577,6 +588,15 @@ class BatchedLlamaEngine:
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
         return chain
+
+
+def resolve_kv_layout(requested: KVLayout, *, parallel: int, window_bytes: int) -> KVLayout:
+    """The layout ``SMOLLM_KV_LAYOUT`` asks for, with ``auto`` decided by what one stream per sequence costs:
+    ``parallel - 1`` more KV caches of ``window_bytes`` each."""
+    if requested is not KVLayout.AUTO:
+        return requested
+    extra = (parallel - 1) * window_bytes
+    return KVLayout.PER_SEQUENCE if extra <= PER_SEQUENCE_EXTRA_KV_BYTES else KVLayout.SHARED
 
 
 def _by_seq_id(running: _Running) -> int:

@@ -26,7 +26,7 @@ from llama_cpp import llama_chat_format
 from innova_smollm.decode_threads import ThreadCounts, ThreadGovernor
 from innova_smollm.errors import GenerationError, ModelLoadError, NotReadyError, RequestTimeoutError
 from innova_smollm.generation import ChatMessage, FinishReason, GenerationJob, JobFinish, ModelMetadata, TokenSink
-from innova_smollm.settings import Settings, display_name
+from innova_smollm.settings import KVLayout, Settings, display_name
 from innova_smollm.textstream import TextAssembler
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,14 @@ class GGUFModel:
         return tokens
 
     def describe(
-        self, settings: Settings, *, n_ctx: int, parallel: int, flash_attn: bool, load_time_s: float
+        self,
+        settings: Settings,
+        *,
+        n_ctx: int,
+        parallel: int,
+        flash_attn: bool,
+        load_time_s: float,
+        kv_layout: KVLayout,
     ) -> ModelMetadata:
         meta: dict[str, Any] = self.llama.metadata
         file_type = int(meta.get("general.file_type", -1))
@@ -160,7 +167,20 @@ class GGUFModel:
             load_time_s=round(load_time_s, 3),
             parallel=parallel,
             flash_attn=flash_attn,
+            kv_layout=kv_layout.value,
         )
+
+    def kv_bytes_per_cell(self) -> int:
+        """Bytes one KV cell takes in every layer: one token's keys and values at f16, llama.cpp's default."""
+        model = self.llama.model
+        meta: dict[str, Any] = self.llama.metadata
+        arch = meta.get("general.architecture", "")
+        n_head = max(int(llama_cpp.llama_model_n_head(model)), 1)
+        head_dim = int(llama_cpp.llama_model_n_embd(model)) // n_head
+        key_dim = int(meta.get(f"{arch}.attention.key_length", head_dim))
+        value_dim = int(meta.get(f"{arch}.attention.value_length", head_dim))
+        n_head_kv = int(llama_cpp.llama_model_n_head_kv(model))
+        return int(llama_cpp.llama_model_n_layer(model)) * n_head_kv * (key_dim + value_dim) * 2
 
     def close(self) -> None:
         self.llama.close()
@@ -197,6 +217,8 @@ class LlamaEngine:
             parallel=1,
             flash_attn=settings.flash_attention_for(self._model.n_gpu_layers, several_sequences=False),
             load_time_s=self._model.open_s,
+            # One sequence in one cache of n_ctx cells: what the batched engine calls shared.
+            kv_layout=KVLayout.SHARED,
         )
         self._timeout_s = settings.request_timeout_s
         self._threads = new_thread_governor(settings)
