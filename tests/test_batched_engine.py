@@ -600,6 +600,19 @@ def test_per_sequence_prompt_cache_reuses_the_prompt(per_sequence: BatchedLlamaE
     assert (count.reused, count.prefilled) == (len(again.prompt_tokens) - 1, 1)
 
 
+def test_per_sequence_restores_a_pushed_out_prompt_from_host_memory(per_sequence: BatchedLlamaEngine) -> None:
+    job = _job(per_sequence, PROMPTS[3], max_tokens=8)
+    _run(per_sequence, [job])
+    _push_out(per_sequence, job)
+    count, restored = PrefillCount(per_sequence), per_sequence.states_restored
+    again = _run(per_sequence, [_job(per_sequence, PROMPTS[3], max_tokens=8)])[0]
+    repeat = _run(per_sequence, [_job(per_sequence, PROMPTS[3], max_tokens=8)])[0]
+    assert (count.reused, count.prefilled) == (2 * (len(job.prompt_tokens) - 1), 2)
+    assert per_sequence.states_restored == restored + 1
+    assert again.answer == repeat.answer
+    assert _cells_add_up(per_sequence)
+
+
 def test_per_sequence_batch_answers_like_alone() -> None:
     loaded = BatchedLlamaEngine(_settings(kv_layout=KVLayout.PER_SEQUENCE, prompt_cache=False))
     try:

@@ -6,13 +6,14 @@ After one ``llama_decode`` each sequence samples its next token in C from its ow
 of logits by batch index, so no logits ever reach Python. A new job joins between steps; a finished or cancelled
 sequence leaves by removing its cells from the shared KV cache (``llama_memory_seq_rm``), which frees room at once.
 
-KV cache sizing: by default (``SMOLLM_KV_LAYOUT=shared``) the cache is *unified*: one pool of ``n_ctx`` cells
-shared by all sequences, and a job is admitted only when its prompt plus max_tokens fit in the cells not yet reserved
-by the running sequences. Why this and not ``n_ctx * parallel`` cells: memory stays what a one-at-a-time engine
-needs (for a 3B model one 4k-token cache is about 450 MB; four would be 1.8 GB, mostly idle), every request still
-gets the full ``n_ctx`` window (llama-server instead divides ``n_ctx`` by its slot count, llama.cpp#11681), and
-short requests, the common case, run side by side. A long job waits (first come, first served) until enough cells
-are free, so it can never run out of room midway.
+KV cache sizing: ``SMOLLM_KV_LAYOUT=auto``, the default, takes ``per_sequence`` (below) when its extra memory is at
+most ``PER_SEQUENCE_EXTRA_KV_BYTES`` and ``shared`` otherwise (``resolve_kv_layout``). ``shared`` makes the cache
+*unified*: one pool of ``n_ctx`` cells shared by all sequences, and a job is admitted only when its prompt plus
+max_tokens fit in the cells not yet reserved by the running sequences. Why this and not ``n_ctx * parallel``
+cells, when memory is dear: it stays what a one-at-a-time engine needs (for a 3B model one 4k-token cache is about
+450 MB; four would be 1.8 GB, mostly idle), every request still gets the full ``n_ctx`` window (llama-server instead
+divides ``n_ctx`` by its slot count, llama.cpp#11681), and short requests, the common case, run side by side. A
+long job waits (first come, first served) until enough cells are free, so it can never run out of room midway.
 
 ``SMOLLM_KV_LAYOUT=per_sequence`` trades memory for speed: one stream of ``n_ctx`` cells per sequence
 (``kv_unified`` off, ``n_ctx * parallel`` cells in all, what llama-server's slots do with an ``n_ctx`` divided
