@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from innova_smollm.engine.batched import BatchedLlamaEngine
 from innova_smollm.engine.llama import LlamaEngine
 from innova_smollm.settings import Settings
 from tests.conftest import API, LONG_PROMPT, LiveServer, make_settings, serve_in_thread, wait_until
@@ -150,3 +152,36 @@ def test_not_ready_and_model_load_figures(model_path: Path) -> None:
         gate.set()
         assert wait_until(lambda: value(scrape(server), "smollm_model_loaded") == 1, timeout=60)
         assert value(scrape(server), "smollm_model_load_seconds") > 0
+
+
+def test_prompt_cache_figures_count_reused_tokens_and_saved_states(model_path: Path) -> None:
+    settings = make_settings(model_path, parallel=2, max_tokens=64)
+    engine = BatchedLlamaEngine(settings)
+    try:
+        with serve_in_thread(settings, engine=engine) as server:
+
+            def ask(content: str) -> dict[str, int]:
+                body = {"messages": [{"role": "user", "content": content}], "max_tokens": 16, "temperature": 0}
+                reply = server.post(f"{API}/chat", json=body)
+                assert reply.status_code == 200
+                usage: dict[str, int] = reply.json()["usage"]
+                return usage
+
+            before = scrape(server)
+            first = ask("Name three rivers.")
+            ask("Name three rivers.")  # the idle sequence still holds it: all but the last token reused
+            # Two requests side by side take both sequence ids, so the first prompt's cells are cut and saved.
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(ask, ["Name two oceans.", "Name four mountains."]))
+            again = ask("Name three rivers.")  # restored from host memory
+            after = scrape(server)
+    finally:
+        engine.close()
+    reused = moved(before, after, "smollm_prompt_cache_tokens_total", kind="reused")
+    decoded = moved(before, after, "smollm_prompt_cache_tokens_total", kind="decoded")
+    assert reused >= 2 * (first["prompt_tokens"] - 1)
+    assert reused + decoded == moved(before, after, "smollm_prompt_tokens_total")
+    assert again["prompt_tokens"] == first["prompt_tokens"]
+    assert moved(before, after, "smollm_prompt_states_total", event="saved") >= 1
+    assert moved(before, after, "smollm_prompt_states_total", event="restored") >= 1
+    assert value(after, "smollm_prompt_states_bytes") > 0

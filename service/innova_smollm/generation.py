@@ -91,6 +91,18 @@ class TokenSink(Protocol):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PromptCacheStats:
+    """What the prompt cache spared since start (/metrics): prompt tokens taken from it and decoded, and the KV
+    states saved to and restored from host memory, with the bytes held now."""
+
+    tokens_reused: int
+    tokens_decoded: int
+    states_saved: int
+    states_restored: int
+    saved_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelMetadata:
     name: str
     path: str
@@ -123,6 +135,11 @@ class Engine(Protocol):
     @property
     def threads(self) -> ThreadGovernor:
         """How many threads decode right now, and how often CPU contention changed that."""
+        ...
+
+    def prompt_cache(self) -> PromptCacheStats | None:
+        """The prompt cache's figures, or None where the engine does not count them (the one-at-a-time engine
+        leaves its prefix reuse to llama-cpp-python)."""
         ...
 
     def tokenize(self, text: str) -> list[int]:

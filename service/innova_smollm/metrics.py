@@ -119,6 +119,7 @@ class Metrics:
         )
         in_flight.set_function(lambda: float(service.in_flight))
         self.registry.register(_DecodeThreadsCollector(service))
+        self.registry.register(_PromptCacheCollector(service))
 
     # --- the service's Observer --------------------------------------------------------------------------------
 
@@ -178,6 +179,38 @@ class _DecodeThreadsCollector(Collector):
                 moves.add_metric([direction], count)
         yield threads
         yield moves
+
+
+class _PromptCacheCollector(Collector):
+    """Whether the prompt cache pays: prompt tokens it spared against those decoded, and its saved states."""
+
+    def __init__(self, service: SmolLMService) -> None:
+        self._service = service
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        engine = self._service.engine
+        stats = engine.prompt_cache() if engine is not None else None
+        if stats is None:
+            return
+        tokens = CounterMetricFamily(
+            "smollm_prompt_cache_tokens",
+            "Prompt tokens taken from the prompt cache (reused) and decoded (batched engine).",
+            labels=["kind"],
+        )
+        tokens.add_metric(["reused"], stats.tokens_reused)
+        tokens.add_metric(["decoded"], stats.tokens_decoded)
+        states = CounterMetricFamily(
+            "smollm_prompt_states",
+            "KV states of sequences saved to host memory and restored from it (SMOLLM_PROMPT_CACHE_MB).",
+            labels=["event"],
+        )
+        states.add_metric(["saved"], stats.states_saved)
+        states.add_metric(["restored"], stats.states_restored)
+        held = GaugeMetricFamily("smollm_prompt_states_bytes", "Bytes of saved KV states held in host memory.")
+        held.add_metric([], stats.saved_bytes)
+        yield tokens
+        yield states
+        yield held
 
 
 class _MemoryCollector(Collector):

@@ -61,7 +61,14 @@ from innova_smollm.errors import (
     NotReadyError,
     RequestTimeoutError,
 )
-from innova_smollm.generation import ChatMessage, FinishReason, GenerationJob, ModelMetadata, TokenSink
+from innova_smollm.generation import (
+    ChatMessage,
+    FinishReason,
+    GenerationJob,
+    ModelMetadata,
+    PromptCacheStats,
+    TokenSink,
+)
 from innova_smollm.settings import KVLayout, Settings
 from innova_smollm.textstream import TextAssembler
 
@@ -207,6 +214,16 @@ class BatchedLlamaEngine:
     @property
     def threads(self) -> ThreadGovernor:
         return self._threads
+
+    def prompt_cache(self) -> PromptCacheStats | None:
+        # Read from another thread without a lock: each figure is one int, and a scrape may be a step behind.
+        return PromptCacheStats(
+            tokens_reused=self.prompt_tokens_reused,
+            tokens_decoded=self.prompt_tokens_prefilled,
+            states_saved=self.states_saved,
+            states_restored=self.states_restored,
+            saved_bytes=self._saved.bytes_used if self._saved is not None else 0,
+        )
 
     # --- tokens ---------------------------------------------------------------------------------------------
 

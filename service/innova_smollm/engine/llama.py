@@ -25,7 +25,15 @@ from llama_cpp import llama_chat_format
 
 from innova_smollm.decode_threads import ThreadCounts, ThreadGovernor
 from innova_smollm.errors import GenerationError, ModelLoadError, NotReadyError, RequestTimeoutError
-from innova_smollm.generation import ChatMessage, FinishReason, GenerationJob, JobFinish, ModelMetadata, TokenSink
+from innova_smollm.generation import (
+    ChatMessage,
+    FinishReason,
+    GenerationJob,
+    JobFinish,
+    ModelMetadata,
+    PromptCacheStats,
+    TokenSink,
+)
 from innova_smollm.settings import KVLayout, Settings, display_name
 from innova_smollm.textstream import TextAssembler
 
@@ -236,6 +244,9 @@ class LlamaEngine:
     @property
     def threads(self) -> ThreadGovernor:
         return self._threads
+
+    def prompt_cache(self) -> PromptCacheStats | None:
+        return None
 
     # --- tokens ---------------------------------------------------------------------------------------------
 
