@@ -192,25 +192,28 @@ class _PromptCacheCollector(Collector):
         stats = engine.prompt_cache() if engine is not None else None
         if stats is None:
             return
-        tokens = CounterMetricFamily(
+        yield _counters(
             "smollm_prompt_cache_tokens",
             "Prompt tokens taken from the prompt cache (reused) and decoded (batched engine).",
-            labels=["kind"],
+            "kind",
+            {"reused": stats.tokens_reused, "decoded": stats.tokens_decoded},
         )
-        tokens.add_metric(["reused"], stats.tokens_reused)
-        tokens.add_metric(["decoded"], stats.tokens_decoded)
-        states = CounterMetricFamily(
+        yield _counters(
             "smollm_prompt_states",
             "KV states of sequences saved to host memory and restored from it (SMOLLM_PROMPT_CACHE_MB).",
-            labels=["event"],
+            "event",
+            {"saved": stats.states_saved, "restored": stats.states_restored},
         )
-        states.add_metric(["saved"], stats.states_saved)
-        states.add_metric(["restored"], stats.states_restored)
         held = GaugeMetricFamily("smollm_prompt_states_bytes", "Bytes of saved KV states held in host memory.")
         held.add_metric([], stats.saved_bytes)
-        yield tokens
-        yield states
         yield held
+
+
+def _counters(name: str, documentation: str, label: str, counts: Mapping[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for label_value, count in counts.items():
+        family.add_metric([label_value], count)
+    return family
 
 
 class _MemoryCollector(Collector):
