@@ -53,7 +53,7 @@ class KVLayout(StrEnum):
     #: per_sequence when its extra KV memory, (parallel - 1) x one window's cache, is at most
     #: engine.batched.PER_SEQUENCE_EXTRA_KV_BYTES (512 MiB), else shared: the speed where it is cheap (a small
     #: model or a short window), one window's memory where it is not (a 3B model at 4096 tokens and 4 sequences
-    #: would need 1.3 GB more).
+    #: would need 1.3 GiB more).
     AUTO = "auto"
     #: One pool of n_ctx cells for all sequences: the memory of one request's cache, and jobs wait for free cells.
     SHARED = "shared"
