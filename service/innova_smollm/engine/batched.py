@@ -320,18 +320,7 @@ class BatchedLlamaEngine:
                     return  # the head waits for cells; later jobs wait behind it so a long job is never starved
             self._waiting.popleft()
             cached = self._idle.pop(seq_id)
-            saved, saved_reuse = self._saved.best_for(prompt) if self._saved is not None else (None, 0)
-            # The restored state occupies all its cells until it is trimmed: they must be free, not promised.
-            if saved is not None and (
-                saved_reuse < reusable + MIN_SAVED_STATE_GAIN or len(saved.tokens) > self._free_cells + len(cached)
-            ):
-                saved = None
-            keep = 0 if saved is not None else reusable
-            if len(cached) - keep >= MIN_SAVED_STATE_GAIN:
-                self._save_state(seq_id, cached)
-            reused = self._trim(seq_id, keep=keep) if cached else 0
-            if saved is not None:
-                reused = self._restore_state(seq_id, saved, keep=saved_reuse)
+            reused = self._reuse_prefix(seq_id, cached, prompt, reusable=reusable)
             # The sequence's cached cells become part of this job's reservation.
             self._free_cells += len(cached) - needed
             running = _Running(job, sink, seq_id, self._new_sampler(job))
@@ -355,11 +344,29 @@ class BatchedLlamaEngine:
         llama_cpp.llama_memory_seq_rm(memory, seq_id, -1, -1)
         return 0
 
-    def _save_state(self, seq_id: int, tokens: list[int]) -> None:
-        """Copy an idle sequence's KV state to host memory before its cells are cut."""
+    def _reuse_prefix(self, seq_id: int, cached: list[int], prompt: Sequence[int], *, reusable: int) -> int:
+        """Leave in the sequence ``seq_id``, just taken from the idle ones with ``cached`` tokens, the longest prefix
+        of ``prompt`` on offer: its own first ``reusable`` cells or a saved state's; returns the prefix's length."""
+        saved, saved_reuse = self._saved.best_for(prompt) if self._saved is not None else (None, 0)
+        # The restored state occupies all its cells until it is trimmed: they must be free, not promised.
+        if saved is not None and (
+            saved_reuse < reusable + MIN_SAVED_STATE_GAIN or len(saved.tokens) > self._free_cells + len(cached)
+        ):
+            saved = None
+        keep = 0 if saved is not None else reusable
+        self._save_state(seq_id, cached, keep=keep)
+        reused = self._trim(seq_id, keep=keep) if cached else 0
+        if saved is not None:
+            reused = self._restore_state(seq_id, saved, keep=saved_reuse)
+        return reused
+
+    def _save_state(self, seq_id: int, tokens: list[int], *, keep: int) -> None:
+        """Copy an idle sequence's KV state to host memory before all but its first ``keep`` cells are cut."""
         saved = self._saved
+        if saved is None or len(tokens) - keep < MIN_SAVED_STATE_GAIN or saved.covers(tokens):
+            return
         # A sliding-window cache may have dropped the first positions: such a state could not stand for a prefix.
-        if saved is None or saved.covers(tokens) or llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id) != 0:
+        if llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id) != 0:
             return
         size = int(llama_cpp.llama_state_seq_get_size(self._ctx, seq_id))
         if size <= 0 or size > saved.limit_bytes:
@@ -392,8 +399,7 @@ class BatchedLlamaEngine:
                 return
             if seq_id == keep or not cached:
                 continue
-            if len(cached) >= MIN_SAVED_STATE_GAIN:
-                self._save_state(seq_id, cached)
+            self._save_state(seq_id, cached, keep=0)
             llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
             self._free_cells += len(cached)
             self._idle[seq_id] = []
