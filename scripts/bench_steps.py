@@ -118,12 +118,11 @@ def start_service(args: argparse.Namespace) -> tuple[Any, int]:
     import uvicorn
 
     from innova_smollm.app import create_app
+    from innova_smollm.http_server import uvicorn_config
 
     port = bench.free_port()
     settings = service_settings(args, port)
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None, access_log=False)
-    )
+    server = uvicorn.Server(uvicorn_config(create_app(settings), host="127.0.0.1", port=port))
     threading.Thread(target=server.run, name="uvicorn", daemon=True).start()
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

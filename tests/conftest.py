@@ -24,6 +24,7 @@ import uvicorn
 
 from innova_smollm.app import create_app
 from innova_smollm.engine.llama import LlamaEngine
+from innova_smollm.http_server import uvicorn_config
 from innova_smollm.service import EngineLoader
 from innova_smollm.settings import Settings
 
@@ -79,7 +80,7 @@ def serve_in_thread(settings: Settings, engine: Any = None, loader: EngineLoader
     port = free_port()
     settings = dataclasses.replace(settings, port=port)
     app = create_app(settings, engine=engine, loader=loader)
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="on")
+    config = uvicorn_config(app, host="127.0.0.1", port=port, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ import pytest
 
 import innova_smollm.inprocess as inprocess
 from innova_smollm import get_smollm_model
+from innova_smollm.cli import STARTUP_FAILURE
 from innova_smollm.errors import InvalidRequestError
 from tests.conftest import API, REPO_ROOT, run_service, wait_until
 
@@ -118,6 +120,16 @@ def test_serve_refuses_a_public_address_without_keys() -> None:
     result = cli("serve", env={"HOST": "0.0.0.0", "SMOLLM_API_KEYS": ""})
     assert result.returncode == 2
     assert "SMOLLM_API_KEYS" in result.stderr
+
+
+def test_serve_exits_non_zero_when_its_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("serve", env={"PORT": str(port), "SMOLLM_MODEL_PATH": str(tmp_path / "none.gguf")})
+    assert result.returncode == STARTUP_FAILURE, result.stderr
+    assert "address already in use" in result.stderr.lower()
 
 
 def test_serve_stays_up_without_its_model_and_says_why_on_health(tmp_path: Path) -> None:

@@ -13,6 +13,9 @@ from pathlib import Path
 from innova_smollm.errors import SmolLMError
 from innova_smollm.settings import Settings
 
+#: The exit code of a server that could not start listening (uvicorn's own).
+STARTUP_FAILURE = 3
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="innova-smollm", description="A local GGUF chat model for KORYXA.")
@@ -44,19 +47,21 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from innova_smollm.app import create_app
+    from innova_smollm.http_server import uvicorn_config
     from innova_smollm.logs import configure_logging
 
     configure_logging(settings.log_level)
-    uvicorn.run(
+    config = uvicorn_config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        log_config=None,
-        access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
         limit_concurrency=max(64, 4 * (settings.parallel + settings.max_queue)),
     )
-    return 0
+    server = uvicorn.Server(config)
+    server.run()
+    # As uvicorn.run does: a server that never started (its port taken, say) exits non-zero, so systemd restarts it.
+    return 0 if server.started else STARTUP_FAILURE
 
 
 def chat_once(settings: Settings, text: str, system: str | None, max_tokens: int | None, temperature: float) -> int:
