@@ -37,7 +37,12 @@ from innova_smollm.settings import FlashAttention, KVLayout, Settings
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from innova_smollm.engine.batched import BatchedLlamaEngine, choose_sequence, resolve_kv_layout  # noqa: E402
+from innova_smollm.engine.batched import (  # noqa: E402
+    BatchedLlamaEngine,
+    choose_sequence,
+    highest_logit,
+    resolve_kv_layout,
+)
 from innova_smollm.engine.saved_states import SavedState, common_prefix_length  # noqa: E402
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -287,6 +292,29 @@ def test_seeded_sampling_repeats_alone_and_in_a_batch(engine: BatchedLlamaEngine
     first = _run(engine, [_job(engine, PROMPTS[1], sampling=sampled)])[0]
     together = _run_together(engine, [_job(engine, PROMPTS[1], sampling=sampled), _job(engine, PROMPTS[3])])[0]
     assert first.answer == together.answer
+
+
+def test_the_in_place_argmax_picks_what_llamas_greedy_sampler_picks(model_path: Path) -> None:
+    # Greedy jobs without penalties skip llama.cpp's sampler chain (engine.batched.highest_logit): every row of a
+    # real decode must give the chain's token, and a tie must go to the first token, as the chain's greedy does.
+    llm = llama_cpp.Llama(str(model_path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+    try:
+        tokens = llm.tokenize(" ".join(PROMPTS).encode())
+        llm.eval(tokens)
+        row_type = ctypes.c_float * llm.n_vocab()
+        picks = [highest_logit(llm.ctx, row, row_type) for row in range(len(tokens))]
+        assert picks == [llama_cpp.llama_sampler_sample(chain, llm.ctx, row) for row in range(len(tokens))]
+        assert len(set(picks)) > 3  # the rows differ: a wrong row or stride would show
+
+        logits = row_type.from_address(ctypes.addressof(llama_cpp.llama_get_logits_ith(llm.ctx, 0).contents))
+        top = max(logits)
+        logits[7], logits[900] = top + 1, top + 1
+        assert highest_logit(llm.ctx, 0, row_type) == 7 == llama_cpp.llama_sampler_sample(chain, llm.ctx, 0)
+    finally:
+        llama_cpp.llama_sampler_free(chain)
+        llm.close()
 
 
 def test_a_job_larger_than_the_context_is_refused(engine: BatchedLlamaEngine) -> None:
