@@ -73,6 +73,15 @@ class LiveServer:
     def post(self, path: str, **kwargs: Any) -> requests.Response:
         return requests.post(self.url + path, timeout=kwargs.pop("timeout", 120), **kwargs)
 
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.url.removeprefix("http://").split(":")
+        return host, int(port)
+
+    def connect(self) -> socket.socket:
+        """A raw TCP connection, for requests no HTTP client would send."""
+        return socket.create_connection(self.address, timeout=30)
+
 
 @contextlib.contextmanager
 def serve_in_thread(settings: Settings, engine: Any = None, loader: EngineLoader | None = None) -> Iterator[LiveServer]:

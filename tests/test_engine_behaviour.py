@@ -102,8 +102,8 @@ def test_a_dropped_stream_frees_the_engine_at_once(small_queue: LiveServer, engi
 
 def test_a_dropped_plain_request_frees_the_engine_at_once(small_queue: LiveServer, engine: LlamaEngine) -> None:
     body = json.dumps(COUNT_FOREVER).encode()
-    host, port = small_queue.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as sock:
+    host, port = small_queue.address
+    with socket.create_connection((host, port)) as sock:
         sock.sendall(
             f"POST {API}/generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n".encode()

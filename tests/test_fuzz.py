@@ -407,11 +407,6 @@ class HealthProbe:
         assert self.worst < HEALTH_BOUND_S, f"health took {self.worst:.2f}s while clients were slow"
 
 
-def open_socket(server: LiveServer) -> socket.socket:
-    host, port = server.url.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=30)
-
-
 def request_head(path: str, length: int) -> bytes:
     return (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -428,7 +423,7 @@ def read_all(sock: socket.socket) -> bytes:
 
 def test_a_body_sent_byte_by_byte_is_answered_and_others_are_not_held_up(fuzz_server: LiveServer) -> None:
     body = dumps(chat("Say hi.", max_tokens=2))
-    with HealthProbe(fuzz_server) as probe, contextlib.closing(open_socket(fuzz_server)) as sock:
+    with HealthProbe(fuzz_server) as probe, contextlib.closing(fuzz_server.connect()) as sock:
         sock.sendall(request_head(f"{API}/chat", len(body)))
         for byte in body:
             sock.sendall(bytes([byte]))
@@ -446,7 +441,7 @@ def test_clients_that_never_finish_do_not_hang_the_server(fuzz_server: LiveServe
     try:
         with HealthProbe(fuzz_server) as probe:
             for index in range(24):
-                sock = open_socket(fuzz_server)
+                sock = fuzz_server.connect()
                 stalled.append(sock)
                 if index % 3 == 0:
                     sock.sendall(request_head(f"{API}/chat", len(body)) + body[: len(body) // 2])  # half a body

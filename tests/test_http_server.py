@@ -17,11 +17,6 @@ from tests.conftest import LiveServer
 HEALTH = "/innova/api/smollm/health"
 
 
-def connect(live: LiveServer) -> socket.socket:
-    host, port = live.url.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=30)
-
-
 def read_reply(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     """One whole answer from a connection the server closes after it (every 400 here says ``connection: close``)."""
     data = b""
@@ -54,7 +49,7 @@ def assert_json_400(status: int, headers: dict[str, str], body: bytes, message_p
     ids=["del-in-header", "space-in-name", "request-line", "negative-length"],
 )
 def test_an_unparseable_request_gets_the_json_error_body(live: LiveServer, request_bytes: bytes) -> None:
-    with connect(live) as sock:
+    with live.connect() as sock:
         sock.sendall(request_bytes)
         assert_json_400(*read_reply(sock), UNPARSEABLE_REQUEST)
     assert live.get(HEALTH).status_code == 200
@@ -81,14 +76,14 @@ def send_head_in_pieces(sock: socket.socket, header_count: int) -> bytes | None:
 
 
 def test_a_request_head_that_never_ends_is_refused_after_the_cap(live: LiveServer) -> None:
-    with connect(live) as sock:
+    with live.connect() as sock:
         early = send_head_in_pieces(sock, header_count=4 * MAX_HEAD_BYTES // 1000)
         assert early is not None, "the server read a 64 KiB head without answering"
         assert_json_400(*read_reply(sock), f"longer than {MAX_HEAD_BYTES // 1024} KiB")
 
 
 def test_a_head_under_the_cap_in_many_pieces_is_served(live: LiveServer) -> None:
-    with connect(live) as sock:
+    with live.connect() as sock:
         assert send_head_in_pieces(sock, header_count=(MAX_HEAD_BYTES - 2048) // 1000) is None
         status, _, body = read_reply(sock)
     assert status == 200, body
@@ -97,8 +92,7 @@ def test_a_head_under_the_cap_in_many_pieces_is_served(live: LiveServer) -> None
 def test_keep_alive_after_a_large_body_serves_the_next_request(live: LiveServer) -> None:
     # The head cap counts only bytes read while a head is incomplete: a body read on the same connection must
     # never count against the next request's head.
-    host, port = live.url.removeprefix("http://").split(":")
-    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection = http.client.HTTPConnection(*live.address, timeout=60)
     try:
         large = json.dumps({"messages": "x" * (4 * MAX_HEAD_BYTES * 4)})
         for _ in range(3):
