@@ -42,8 +42,8 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         was_reading_head, heads_completed = self._reading_head, self._heads_completed
         super().data_received(data)
         # Counted after parsing, so a read that also carries a body (or ends one) never counts against a head; only
-        # reads that begin and end inside the same unfinished head add up.
-        if not (was_reading_head and self._reading_head and heads_completed == self._heads_completed):
+        # reads that begin inside a head and complete none add up (a head completed is the only way out of one).
+        if not was_reading_head or heads_completed != self._heads_completed:
             return
         self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
