@@ -11,10 +11,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from uvicorn.config import STARTUP_FAILURE
 
 import innova_smollm.inprocess as inprocess
 from innova_smollm import get_smollm_model
-from innova_smollm.cli import STARTUP_FAILURE
 from innova_smollm.errors import InvalidRequestError
 from tests.conftest import API, REPO_ROOT, run_service, wait_until
 

@@ -13,9 +13,6 @@ from pathlib import Path
 from innova_smollm.errors import SmolLMError
 from innova_smollm.settings import Settings
 
-#: The exit code of a server that could not start listening (uvicorn's own).
-STARTUP_FAILURE = 3
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="innova-smollm", description="A local GGUF chat model for KORYXA.")
@@ -45,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve(settings: Settings) -> int:
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
 
     from innova_smollm.app import create_app
     from innova_smollm.http_server import uvicorn_config
