@@ -71,12 +71,30 @@ def test_a_collapse_moves_to_one_thread_within_a_few_slow_steps() -> None:
     assert machine.governor.settled() == 1
     slow_steps = [t for t in machine.threads_used[steps_before:] if t == 2]
     # The first slow step starts a probe; the probe may lose against a reference still made of fast steps, so the
-    # second or third slow step settles it. The up-probes that follow are cut after one step each.
+    # second or third slow step settles it, after one confirming step back home (slower than the probe by more than
+    # LOSS_RATIO, so the win stands at once). The up-probes that follow are cut after one step each.
     first_move = machine.threads_used.index(1, steps_before)
     assert machine.threads_used[steps_before:first_move].count(2) <= 3
     assert len(slow_steps) <= 3 + 5
     # On the lower rung, prompt batches use the same single thread: two would collapse the same way.
     assert ThreadCounts(decode=1, batch=1) in machine.applied
+
+
+def test_home_slow_for_a_moment_before_a_probe_does_not_move_the_threads() -> None:
+    # Seen in the one-client benchmark on an idle box: the steps before a scheduled probe were slow (22 ms: the
+    # first steps after an idle spell), one thread then took 15.8 ms, and two threads were back at 10 ms.
+    machine = SimulatedMachine()
+    machine.run(1.9, IDLE.__getitem__)
+    warming_up = {2: 0.022, 1: 0.0158}
+    while machine.governor.current().decode == 2:
+        machine.run(0.001, warming_up.__getitem__)
+    machine.run(2 * 0.0158, warming_up.__getitem__)
+    machine.run(10, IDLE.__getitem__)
+    assert machine.settled == [2]
+    assert machine.governor.moves() == {"fewer": 0, "more": 0}
+    # The probe's three one-thread steps, then straight back to two threads for the confirming steps.
+    first_probe = machine.threads_used.index(1)
+    assert machine.threads_used[first_probe : first_probe + 6] == [1, 1, 1, 2, 2, 2]
 
 
 def test_the_threads_come_back_when_the_contention_ends() -> None:

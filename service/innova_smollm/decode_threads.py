@@ -8,14 +8,18 @@ more than 60 s with 2 threads, against 0.65 s on the idle box, and llama-server 
 same way. With 1 thread under the same load, the 64 tokens took 1.2 s.
 
 So the governor keeps a ladder of thread counts (the configured count, halved down to 1) and compares them side by
-side while the engine decodes: now and then it runs a few steps one rung away and moves when that rung is clearly
-faster for the same batch shape. A losing rung is tried again after a doubling interval (up to a minute), so on an
-idle box the probes cost a few steps a minute. A step far slower than the recent ones starts a probe of the
+side while the engine decodes: now and then it runs a few steps one rung away, and moves when that rung is clearly
+faster for the same batch shape than both the steps just before the probe and a few steps back home right after
+it. The second look is there because home's steps can be slow for a moment (the first steps after an idle spell,
+another process warming up): against those alone, one thread "won" twice in 21 rounds of the one-client benchmark
+on an idle box, and the service then decoded with one thread until the next probe, at 72 and 75 tok/s in rounds
+where the other servers gave 96-101. A losing rung is tried again after a doubling interval (up to a minute), so
+on an idle box the probes cost a few steps a minute. A step far slower than the recent ones starts a probe of the
 bottom rung (one thread) at once, so a collapse is left within seconds, and the up-probes then climb back to the
 best rung. Coming back does not wait for the doubling interval when the steps on a lower rung get clearly faster
 than when the governor moved there: the other process has likely stopped, so more threads are tried at once.
-Only pure decode steps (no prompt tokens in the batch) are
-compared, keyed by how many tokens the step decodes, because steps of different shapes take different times.
+Only pure decode steps (no prompt tokens in the batch) are compared, keyed by how many tokens the step decodes,
+because steps of different shapes take different times.
 
 Pure logic with an injectable clock: the engines time their steps and apply what :meth:`ThreadGovernor.step_done`
 returns with ``llama_set_n_threads`` (this module imports no llama_cpp).
@@ -29,15 +33,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-#: Steps run on the probed rung before it is compared with home.
+#: Steps run on the probed rung before it is compared with home; as many again back home confirm a win.
 PROBE_STEPS = 3
 #: A probe wins only when its median step takes less than this share of home's: noise never moves the threads.
 WIN_RATIO = 0.85
-#: A probe step this many times slower than home's steps is a clear loss, ended at once (it may be collapsing).
+#: A probe step this many times slower than home's steps is a clear loss, ended at once (it may be collapsing);
+#: a confirming step this many times slower than the probe's confirms the win at once (home may be collapsing).
 LOSS_RATIO = 2.0
 #: A step this many times slower than the median of the recent ones (and at least SLOW_STEP_MIN_S) is a collapse.
 SLOWDOWN_RATIO = 4.0
@@ -68,6 +73,13 @@ class _Probe:
     steps: int = 0
     #: Steps of other shapes seen meanwhile; too many and the probe ends without a verdict.
     foreign_steps: int = 0
+    #: Set when the probed rung beat the steps before the probe: its median step, which must also beat the
+    #: confirming steps now run back home.
+    won_s: float | None = None
+    confirming: list[float] = field(default_factory=list)
+
+    def running_rung(self) -> int:
+        return self.home if self.won_s is not None else self.rung
 
 
 class ThreadGovernor:
@@ -109,7 +121,7 @@ class ThreadGovernor:
     def current(self) -> ThreadCounts:
         """What the engine should be decoding with now (during a probe, the probed rung)."""
         with self._lock:
-            return self._counts(self._probe.rung if self._probe else self._rung)
+            return self._counts(self._running_rung())
 
     def settled(self) -> int:
         """Decode threads of the rung the governor has chosen (not a probe in progress)."""
@@ -129,13 +141,13 @@ class ThreadGovernor:
         if not self._enabled:
             return None
         with self._lock:
-            before = self._probe.rung if self._probe else self._rung
+            before = self._running_rung()
             if self._probe is not None:
                 move = self._continue_probe(shape, seconds)
             else:
                 move = None
                 self._maybe_start_probe(shape, seconds)
-            after = self._probe.rung if self._probe else self._rung
+            after = self._running_rung()
             change = self._counts(after) if after != before else None
         if move is not None:
             # Outside the lock: a slow log sink must never hold up /info or /metrics.
@@ -143,6 +155,9 @@ class ThreadGovernor:
         return change
 
     # --- inside the lock -----------------------------------------------------------------------------------
+
+    def _running_rung(self) -> int:
+        return self._probe.running_rung() if self._probe else self._rung
 
     def _counts(self, rung: int) -> ThreadCounts:
         threads = self._rungs[rung]
@@ -195,6 +210,8 @@ class ThreadGovernor:
             if probe.foreign_steps > 2 * PROBE_STEPS:
                 self._probe = None
             return None
+        if probe.won_s is not None:
+            return self._confirm(probe, seconds)
         probe.steps += 1
         steps = self._steps(probe.rung, shape)
         steps.append(seconds)
@@ -202,8 +219,22 @@ class ThreadGovernor:
             return self._end_probe(won=False, measured_s=seconds)
         if probe.steps >= PROBE_STEPS:
             measured = statistics.median(list(steps)[-PROBE_STEPS:])
-            return self._end_probe(won=measured < WIN_RATIO * probe.reference_s, measured_s=measured)
+            if measured >= WIN_RATIO * probe.reference_s:
+                return self._end_probe(won=False, measured_s=measured)
+            probe.won_s = measured  # the next steps run back home
         return None
+
+    def _confirm(self, probe: _Probe, seconds: float) -> _Move | None:
+        """One step back home after the probed rung won: the win stands only if home is still clearly slower."""
+        assert probe.won_s is not None
+        self._steps(probe.home, probe.shape).append(seconds)
+        probe.confirming.append(seconds)
+        if seconds > LOSS_RATIO * probe.won_s:
+            return self._end_probe(won=True, measured_s=probe.won_s)
+        if len(probe.confirming) < PROBE_STEPS:
+            return None
+        home_s = statistics.median(probe.confirming)
+        return self._end_probe(won=probe.won_s < WIN_RATIO * home_s, measured_s=probe.won_s)
 
     def _end_probe(self, *, won: bool, measured_s: float) -> _Move | None:
         probe = self._probe
