@@ -9,17 +9,17 @@ same way. With 1 thread under the same load, the 64 tokens took 1.2 s.
 
 So the governor keeps a ladder of thread counts (the configured count, halved down to 1) and compares them side by
 side while the engine decodes: now and then it runs a few steps one rung away, and moves when that rung is clearly
-faster for the same batch shape than both the steps just before the probe and a few steps back home right after
-it. The second look is there because home's steps can be slow for a moment (the first steps after an idle spell,
-another process warming up): against those alone, one thread "won" twice in 21 rounds of the one-client benchmark
-on an idle box, and the service then decoded with one thread until the next probe, at 72 and 75 tok/s in rounds
-where the other servers gave 96-101. A losing rung is tried again after a doubling interval (up to a minute), so
-on an idle box the probes cost a few steps a minute. A step far slower than the recent ones starts a probe of the
-bottom rung (one thread) at once, so a collapse is left within seconds, and the up-probes then climb back to the
-best rung. Coming back does not wait for the doubling interval when the steps on a lower rung get clearly faster
-than when the governor moved there: the other process has likely stopped, so more threads are tried at once.
-Only pure decode steps (no prompt tokens in the batch) are compared, keyed by how many tokens the step decodes,
-because steps of different shapes take different times.
+faster for the same batch shape than both the steps just before the probe and a few steps back home right after it.
+The second look is there because home's steps can be slow for a moment (the first steps after an idle spell, another
+process warming up): against those alone, one thread "won" twice in 21 rounds of the one-client benchmark on an idle
+box (15.8 ms against 22.0, 11.8 against 15.7), and the service's two slowest rounds, 72 and 75 tok/s where the other
+servers gave 96-101, came at the time of these moves. A losing rung is tried again after a doubling interval (up to
+a minute), so on an idle box the probes cost a few steps a minute. A step far slower than the recent ones starts a
+probe of the bottom rung (one thread) at once, so a collapse is left within seconds, and the up-probes then climb
+back to the best rung. Coming back does not wait for the doubling interval when the steps on a lower rung get
+clearly faster than when the governor moved there: the other process has likely stopped, so more threads are tried
+at once. Only pure decode steps (no prompt tokens in the batch) are compared, keyed by how many tokens the step
+decodes, because steps of different shapes take different times.
 
 Pure logic with an injectable clock: the engines time their steps and apply what :meth:`ThreadGovernor.step_done`
 returns with ``llama_set_n_threads`` (this module imports no llama_cpp).
