@@ -119,7 +119,7 @@ class ThreadGovernor:
         return self._enabled
 
     def current(self) -> ThreadCounts:
-        """What the engine should be decoding with now (during a probe, the probed rung)."""
+        """What the engine should be decoding with now (the probed rung while a probe measures it)."""
         with self._lock:
             return self._counts(self._running_rung())
 
