@@ -135,6 +135,23 @@ class PeerFigures:
         return cut, sum(level.requests for level in runs) + len(self.single)
 
 
+def load_samples(path: Path) -> list[PeerFigures]:
+    """The peers of one run as ``main`` wrote them to ``bench-<stamp>.json`` (every sample, not the medians)."""
+    peers = []
+    for raw in json.loads(path.read_text()):
+        peers.append(
+            PeerFigures(
+                **{key: raw[key] for key in ("key", "name", "available", "note", "rss_mb", "kv_caches")},
+                single=[StreamResult(**sample) for sample in raw["single"]],
+                prefill_tok_s=raw["prefill_tok_s"],
+                # JSON object keys are strings; the concurrency levels are ints everywhere else.
+                levels={int(c): [LevelResult(**level) for level in rounds] for c, rounds in raw["levels"].items()},
+                contended=[StreamResult(**sample) for sample in raw["contended"]],
+            )
+        )
+    return peers
+
+
 def _median(values: list[float]) -> float:
     clean = [v for v in values if v == v]  # drops NaN
     return statistics.median(clean) if clean else float("nan")

@@ -39,9 +39,64 @@ def test_side_by_side_bench_writes_its_table(model_path: Path, tmp_path: Path) -
     # The peers took turns: each round's ratio is in the table, and the contention phase ran for both peers.
     assert "| (b)/(a) decode, one client |" in table
     assert "1 client tok/s, cores busy" in table
-    samples = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    run = next(tmp_path.glob("bench-*.json"))
+    samples = json.loads(run.read_text())
     assert [len(peer["contended"]) for peer in samples] == [1, 1]
     assert all(peer["contended"][0]["tokens"] > 0 for peer in samples)
+    # The run's rounds read back and pooled (here with themselves): every ratio row, each round counted twice.
+    pooled = _pool([run, run])
+    assert pooled.returncode == 0, pooled.stderr[-2000:]
+    rows = _pooled_rows(pooled.stdout)
+    # (a) runs in process: it has no concurrency levels, so no aggregate rows.
+    assert set(rows) == {"(b)/(a) decode, one client", "(b)/(a) one client, cores busy"}
+    assert rows["(b)/(a) decode, one client"][-2:] == ["2", "2"]
+
+
+def _pool(runs: list[Path]) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "scripts/bench_pool.py", *map(str, runs)]
+    return subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+
+
+def _pooled_rows(stdout: str) -> dict[str, list[str]]:
+    """bench_pool.py's table: each ratio's label and its other cells."""
+    cells = [line.strip("|").split("|") for line in stdout.splitlines() if line.startswith("| (b)/")]
+    return {row[0].strip(): [cell.strip() for cell in row[1:]] for row in cells}
+
+
+def _run_file(path: Path, one_client: list[tuple[float, float]], four_clients: list[tuple[float, float]]) -> Path:
+    """A bench.py JSON file with peers (b) and (d) and the given (b, d) tok/s per round."""
+
+    def peer(key: str, index: int) -> dict[str, object]:
+        single = [{"ok": True, "tokens": 128, "ttft_s": 0.05, "total_s": 1.0, "decode_tok_s": pair[index],
+                   "finish_reason": "length", "error": None} for pair in one_client]  # fmt: skip
+        levels = {"4": [{"concurrency": 4, "requests": 8, "aggregate_tok_s": pair[index], "latencies_s": [4.0],
+                         "cut_short": 0} for pair in four_clients]}  # fmt: skip
+        return {"key": key, "name": key, "available": True, "note": "", "rss_mb": 300.0, "kv_caches": 1,
+                "single": single, "prefill_tok_s": [200.0], "levels": levels, "contended": []}  # fmt: skip
+
+    path.write_text(json.dumps([peer("b", 0), peer("d", 1)]))
+    return path
+
+
+def test_pooled_rounds_give_one_median_over_every_run(tmp_path: Path) -> None:
+    first = _run_file(tmp_path / "first.json", [(90, 100), (100, 100), (110, 100)], [(120, 100)])
+    second = _run_file(tmp_path / "second.json", [(80, 100), (95, 100)], [(150, 100), (90, 100)])
+    result = _pool([first, second])
+    assert result.returncode == 0, result.stderr
+    rows = _pooled_rows(result.stdout)
+    # One client: ratios 0.9, 1.0, 1.1, 0.8 and 0.95 pooled; (b) ahead in 1 of 5 rounds.
+    median, interval, ahead, rounds, runs = rows["(b)/(d) decode, one client"]
+    assert (median, ahead, rounds, runs) == ("0.950", "20%", "5", "2")
+    low, high = (float(bound) for bound in interval.split(" to "))
+    assert 0.8 <= low <= 0.95 <= high <= 1.1
+    assert rows["(b)/(d) aggregate, 4 clients"][0] == "1.200"  # 1.2, 1.5 and 0.9
+    assert "rounds pooled over 2 run(s)" in result.stdout
+
+
+def test_pooling_names_a_missing_run_file(tmp_path: Path) -> None:
+    result = _pool([tmp_path / "nowhere.json"])
+    assert result.returncode == 2
+    assert "no such file:" in result.stderr and "nowhere.json" in result.stderr
 
 
 def _first_level_steps_by_size(stdout: str) -> dict[int, int]:
