@@ -81,8 +81,8 @@ def test_a_collapse_moves_to_one_thread_within_a_few_slow_steps() -> None:
 
 
 def test_home_slow_for_a_moment_before_a_probe_does_not_move_the_threads() -> None:
-    # Seen in the one-client benchmark on an idle box: the steps before a scheduled probe were slow (22 ms: the
-    # first steps after an idle spell), one thread then took 15.8 ms, and two threads were back at 10 ms.
+    # Seen in the one-client benchmark on an idle box: the steps before a scheduled probe were slow for a moment
+    # (22 ms), one thread then took 15.8 ms, and two threads were soon back at about 10 ms.
     machine = SimulatedMachine()
     machine.run(1.9, IDLE.__getitem__)
     warming_up = {2: 0.022, 1: 0.0158}
