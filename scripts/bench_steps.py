@@ -4,7 +4,8 @@
 Starts this service in this process (real uvicorn on loopback, the batched engine), wraps llama-cpp-python's
 ``llama_decode`` with a timer before the engine loads, then drives it with ``scripts/bench.py``'s client at each
 concurrency. For each level it prints the aggregate tok/s, how much of the wall time was spent inside
-``llama_decode``, and the steps by batch size (how many, median and total time). A batch larger than
+``llama_decode``, the median time between two decodes (the engine's own Python per step, plus this timer's
+wrapper), and the steps by batch size (how many, median and total time). A batch larger than
 ``--parallel`` carries a prompt chunk.
 
 What it answers: whether the batches are full (steps of ``--parallel`` tokens), and whether the time goes into
@@ -46,20 +47,28 @@ class DecodeTimer:
         self._lock = threading.Lock()
         #: (tokens in the batch, seconds inside llama_decode), one per call.
         self.steps: list[tuple[int, float]] = []
+        #: Seconds from the end of one llama_decode to the start of the next: the engine's own work per step.
+        self.gaps: list[float] = []
+        self._last_end: float | None = None
         llama_cpp.llama_decode = self._timed
 
     def _timed(self, ctx: Any, batch: Any) -> int:
         started = time.perf_counter()
         status = self._real(ctx, batch)
-        elapsed = time.perf_counter() - started
+        ended = time.perf_counter()
         with self._lock:
-            self.steps.append((int(batch.n_tokens), elapsed))
+            self.steps.append((int(batch.n_tokens), ended - started))
+            if self._last_end is not None:
+                self.gaps.append(started - self._last_end)
+            self._last_end = ended
         return status
 
-    def take(self) -> list[tuple[int, float]]:
+    def take(self) -> tuple[list[tuple[int, float]], list[float]]:
         with self._lock:
             steps, self.steps = self.steps, []
-        return steps
+            gaps, self.gaps = self.gaps, []
+            self._last_end = None
+        return steps, gaps
 
 
 def service_settings(args: argparse.Namespace, port: int) -> Any:
@@ -132,11 +141,16 @@ def start_service(args: argparse.Namespace) -> tuple[Any, int]:
     raise SystemExit("the service did not answer within 300 s")
 
 
-def report(concurrency: int, level: bench.LevelResult, steps: list[tuple[int, float]], wall_s: float) -> str:
+def report(
+    concurrency: int, level: bench.LevelResult, steps: list[tuple[int, float]], gaps: list[float], wall_s: float
+) -> str:
     in_decode = sum(seconds for _, seconds in steps)
+    # The median leaves out the few long gaps where the engine waited for a client's next request.
+    between = f"{statistics.median(gaps) * 1e6:.0f} us" if gaps else "n/a"
     lines = [
         f"{concurrency} client(s): {level.aggregate_tok_s:.1f} tok/s, cut short {level.cut_short}/{level.requests}, "
-        f"{len(steps)} steps, {in_decode:.2f} s of {wall_s:.2f} s inside llama_decode ({in_decode / wall_s:.0%})",
+        f"{len(steps)} steps, {in_decode:.2f} s of {wall_s:.2f} s inside llama_decode ({in_decode / wall_s:.0%}), "
+        f"median {between} between two decodes",
         "",
         "| tokens in the batch | steps | median ms | total s |",
         "|---|---|---|---|",
@@ -202,7 +216,7 @@ def main() -> int:
             started = time.perf_counter()
             level = bench.run_level(peer, concurrency, concurrency * args.requests_per_client, args.max_tokens)
             wall_s = time.perf_counter() - started
-            print(report(concurrency, level, timer.take(), wall_s), end="\n\n", flush=True)
+            print(report(concurrency, level, *timer.take(), wall_s), end="\n\n", flush=True)
     finally:
         stop()
     return 0

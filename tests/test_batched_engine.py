@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from innova_smollm.errors import ContextLengthExceededError, NotReadyError, RequestTimeoutError
+from innova_smollm.errors import ContextLengthExceededError, GenerationError, NotReadyError, RequestTimeoutError
 from innova_smollm.generation import ChatMessage, FinishReason, GenerationJob, SamplingParams
 from innova_smollm.settings import FlashAttention, KVLayout, Settings
 
@@ -39,8 +39,8 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from innova_smollm.engine.batched import (  # noqa: E402
     BatchedLlamaEngine,
+    LogitRows,
     choose_sequence,
-    highest_logit,
     resolve_kv_layout,
 )
 from innova_smollm.engine.saved_states import SavedState, common_prefix_length  # noqa: E402
@@ -295,23 +295,31 @@ def test_seeded_sampling_repeats_alone_and_in_a_batch(engine: BatchedLlamaEngine
 
 
 def test_the_in_place_argmax_picks_what_llamas_greedy_sampler_picks(model_path: Path) -> None:
-    # Greedy jobs without penalties skip llama.cpp's sampler chain (engine.batched.highest_logit): every row of a
-    # real decode must give the chain's token, and a tie must go to the first token, as the chain's greedy does.
+    # Greedy jobs without penalties skip llama.cpp's sampler chain (engine.batched.LogitRows): every row of a real
+    # decode must give the chain's token, and a tie must go to the first token, as the chain's greedy does.
     llm = llama_cpp.Llama(str(model_path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+    rows = LogitRows(llm.ctx, llm.n_vocab())
     try:
-        tokens = llm.tokenize(" ".join(PROMPTS).encode())
-        llm.eval(tokens)
-        row_type = ctypes.c_float * llm.n_vocab()
-        picks = [highest_logit(llm.ctx, row, row_type) for row in range(len(tokens))]
-        assert picks == [llama_cpp.llama_sampler_sample(chain, llm.ctx, row) for row in range(len(tokens))]
-        assert len(set(picks)) > 3  # the rows differ: a wrong row or stride would show
+        for prompts in (PROMPTS, PROMPTS[::-1]):
+            # The second decode writes new logits where the arrays kept from the first one look: they must read the
+            # new values, not what was there when they were made.
+            llm.reset()
+            tokens = llm.tokenize(" ".join(prompts).encode())
+            llm.eval(tokens)
+            picks = [rows.highest(row) for row in range(len(tokens))]
+            assert picks == [llama_cpp.llama_sampler_sample(chain, llm.ctx, row) for row in range(len(tokens))]
+            assert len(set(picks)) > 3  # the rows differ: a wrong row or stride would show
 
+        row_type = ctypes.c_float * llm.n_vocab()
         logits = row_type.from_address(ctypes.addressof(llama_cpp.llama_get_logits_ith(llm.ctx, 0).contents))
         top = max(logits)
         logits[7], logits[900] = top + 1, top + 1
-        assert highest_logit(llm.ctx, 0, row_type) == 7 == llama_cpp.llama_sampler_sample(chain, llm.ctx, 0)
+        assert rows.highest(0) == 7 == llama_cpp.llama_sampler_sample(chain, llm.ctx, 0)
+
+        with pytest.raises(GenerationError, match="no logits for batch row 9999"):
+            rows.highest(9999)
     finally:
         llama_cpp.llama_sampler_free(chain)
         llm.close()

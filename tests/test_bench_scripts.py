@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,7 @@ def test_step_profile_counts_every_decode_of_the_service(model_path: Path) -> No
     summaries = [line for line in result.stdout.splitlines() if " client(s): " in line]
     assert [line.split(" ")[0] for line in summaries] == ["1", "2"]
     assert all("cut short 0/" in line and "inside llama_decode" in line for line in summaries)
+    assert all(re.search(r"median \d+ us between two decodes$", line) for line in summaries), summaries
     # One client decodes one token a step, after the step that carried its prompt.
     steps_by_size = _first_level_steps_by_size(result.stdout)
     assert steps_by_size.get(1, 0) >= 1 and max(steps_by_size) > 2

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import requests
 
-from innova_smollm.decode_threads import MAX_PROBE_INTERVAL_S, ThreadCounts, ThreadGovernor
+from innova_smollm.decode_threads import MAX_PROBE_INTERVAL_S, SLOW_STEP_MIN_S, ThreadCounts, ThreadGovernor
 from tests.conftest import API, ServiceProcess, run_service, wait_until
 
 IDLE = {2: 0.010, 1: 0.017}
@@ -162,6 +162,21 @@ def test_eight_threads_drop_to_one_then_climb_to_the_best_rung() -> None:
     assert machine.governor.settled() == 2
     assert machine.settled == [8, 1, 2]
     assert machine.governor.moves() == {"fewer": 1, "more": 1}
+
+
+def test_a_model_slower_than_the_quick_path_is_governed_the_same() -> None:
+    # The production model (Llama-3.2-3B) takes about 120 ms a token on the reference box: every step is slower than
+    # SLOW_STEP_MIN_S, so none takes step_done's quick path, and the full path alone must collapse and recover.
+    idle = {2: 0.12, 1: 0.20}
+    contended = {2: 10.0, 1: 0.25}
+    assert min(idle.values()) > SLOW_STEP_MIN_S
+    machine = SimulatedMachine()
+    machine.run(10, idle.__getitem__)
+    assert machine.settled == [2]
+    machine.run(120, contended.__getitem__)
+    assert machine.governor.settled() == 1
+    machine.run(120, idle.__getitem__)
+    assert machine.settled == [2, 1, 2]
 
 
 @pytest.mark.parametrize(("threads", "enabled"), [(1, True), (2, False)])

@@ -45,7 +45,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,17 +100,52 @@ PER_SEQUENCE_EXTRA_KV_BYTES = 512 * 2**20
 PENALTY_LAST_N = 64
 
 
-def highest_logit(ctx: Any, batch_index: int, row_type: type[ctypes.Array[ctypes.c_float]]) -> int:
-    """Greedy decoding without penalties: the token with the highest logit in row ``batch_index``, read in place.
+#: ``llama_get_logits_ith`` answering the row's address as an int and keeping the GIL: llama_cpp's binding answers a
+#: float pointer, which takes three more objects to turn into an array, and releases and retakes the GIL around a
+#: call that only does pointer arithmetic. Between two decodes every object counts: the decode has just evicted the
+#: interpreter's data from the CPU caches (see LogitRows).
+def _bind_logits_address() -> Callable[[Any, int], int | None]:
+    function = ctypes.cast(llama_cpp.llama_get_logits_ith, ctypes.c_void_p).value
+    if function is None:
+        raise ImportError("llama_cpp's library has no llama_get_logits_ith")
+    bound: Callable[[Any, int], int | None] = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)(
+        function
+    )
+    return bound
+
+
+_logits_address = _bind_logits_address()
+
+
+class LogitRows:
+    """Greedy decoding without penalties: the token with the highest logit in a row of the batch, read in place.
 
     Why not llama.cpp's greedy sampler: it first copies the whole vocabulary into a candidate array, which took a
     median 117 us a token right after a decode (SmolLM2's 49,152 tokens); numpy's argmax over the row where
     llama.cpp wrote it takes about 7 us. Both take the first of equal highest logits, so they pick the same token.
-    ``row_type`` is ``ctypes.c_float * n_vocab``.
+    A row's array is kept by address: llama.cpp writes each step's logits into the same buffer, so after the
+    first steps no object is made per token.
     """
-    logits = llama_cpp.llama_get_logits_ith(ctx, batch_index)
-    row = row_type.from_address(ctypes.addressof(logits.contents))
-    return int(np.frombuffer(memoryview(row), dtype=np.float32).argmax())
+
+    #: More distinct addresses than this (llama.cpp moved its output buffer) and the kept arrays start over.
+    MAX_KEPT_ROWS = 64
+
+    def __init__(self, ctx: Any, n_vocab: int) -> None:
+        self._ctx = ctx
+        self._row_type = ctypes.c_float * n_vocab
+        self._rows: dict[int, np.ndarray[Any, np.dtype[np.float32]]] = {}
+
+    def highest(self, batch_index: int) -> int:
+        """The token with the highest logit in row ``batch_index`` of the last decode (the first of equals)."""
+        address = _logits_address(self._ctx, batch_index)
+        row = self._rows.get(address or 0)
+        if row is None:
+            if not address:
+                raise GenerationError(f"llama.cpp has no logits for batch row {batch_index}")
+            if len(self._rows) >= self.MAX_KEPT_ROWS:
+                self._rows.clear()
+            row = self._rows[address] = np.frombuffer(memoryview(self._row_type.from_address(address)), np.float32)
+        return int(row.argmax())
 
 
 class _Running:
@@ -198,8 +233,7 @@ class BatchedLlamaEngine:
         for i in range(self._n_batch):
             self._batch_n_seq_id[i] = 1
         self.pieces = self._model.pieces
-        #: One row of logits as a ctypes array type, for reading a row in place (see highest_logit).
-        self._logits_row = ctypes.c_float * self._model.llama.n_vocab()
+        self._greedy = LogitRows(self._ctx, self._model.llama.n_vocab())
 
         self._inbox: queue.SimpleQueue[tuple[GenerationJob, TokenSink] | None] = queue.SimpleQueue()
         self._waiting: deque[tuple[GenerationJob, TokenSink]] = deque()
@@ -291,6 +325,8 @@ class BatchedLlamaEngine:
         self._fail_everyone(NotReadyError("stopping", "the engine shut down before this request ended"))
 
     def _take_new_jobs(self, *, block: bool) -> None:
+        if not block and self._inbox.empty():
+            return  # the usual case between two steps, and cheaper than raising and catching queue.Empty
         with contextlib.suppress(queue.Empty):
             item = self._inbox.get() if block else self._inbox.get_nowait()
             while True:
@@ -503,7 +539,7 @@ class BatchedLlamaEngine:
         sampled = [
             (
                 running,
-                highest_logit(self._ctx, running.batch_index, self._logits_row)
+                self._greedy.highest(running.batch_index)
                 if running.sampler is None
                 else llama_cpp.llama_sampler_sample(running.sampler, self._ctx, running.batch_index),
             )
@@ -617,7 +653,7 @@ class BatchedLlamaEngine:
         return ctx
 
     def _new_sampler(self, job: GenerationJob) -> Any | None:
-        """The job's llama.cpp sampler chain, or None for greedy decoding without penalties (see highest_logit)."""
+        """The job's llama.cpp sampler chain, or None for greedy decoding without penalties (see LogitRows)."""
         sampling = job.sampling
         if sampling.greedy and sampling.repeat_penalty == 1.0:
             return None
