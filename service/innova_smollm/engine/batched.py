@@ -100,11 +100,13 @@ PER_SEQUENCE_EXTRA_KV_BYTES = 512 * 2**20
 PENALTY_LAST_N = 64
 
 
-#: ``llama_get_logits_ith`` answering the row's address as an int and keeping the GIL: llama_cpp's binding answers a
-#: float pointer, which takes three more objects to turn into an array, and releases and retakes the GIL around a
-#: call that only does pointer arithmetic. Between two decodes every object counts: the decode has just evicted the
-#: interpreter's data from the CPU caches (see LogitRows).
 def _bind_logits_address() -> Callable[[Any, int], int | None]:
+    """``llama_get_logits_ith`` answering the row's address as an int (None for no row) and keeping the GIL.
+
+    llama_cpp's binding answers a float pointer, which takes three more objects to turn into an array, and releases
+    and retakes the GIL around a call that only does pointer arithmetic. Between two decodes every object counts:
+    the decode has just evicted the interpreter's data from the CPU caches (see LogitRows).
+    """
     function = ctypes.cast(llama_cpp.llama_get_logits_ith, ctypes.c_void_p).value
     if function is None:
         raise ImportError("llama_cpp's library has no llama_get_logits_ith")
