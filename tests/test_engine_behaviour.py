@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -14,8 +15,9 @@ import requests
 
 from innova_smollm.engine.llama import LlamaEngine
 from innova_smollm.generation import Engine, GenerationJob
+from innova_smollm.service import Outcome, RequestOptions, SmolLMService
 from innova_smollm.settings import Fallback, Provider, Settings
-from innova_smollm.sinks import BlockingSink
+from innova_smollm.sinks import BlockingSink, inbox_of
 from tests.conftest import API, LONG_PROMPT, LiveServer, make_settings, serve_in_thread, wait_until
 
 COUNT_FOREVER = {"prompt": LONG_PROMPT, "max_tokens": 900, "temperature": 0}
@@ -304,3 +306,26 @@ def test_info_names_the_deployed_model_behind_current_gguf_and_shows_the_record(
         assert chat.json()["model_info"]["model_name"] == "SmolLM2-135M-Instruct.Q4_1"
         manifest.write_text("{broken")
         assert "cannot read" in server.get(f"{API}/info").json()["deployment"]["error"]
+
+
+def test_a_whole_answer_wakes_the_event_loop_a_few_times_and_a_streamed_one_per_token(
+    engine: LlamaEngine, model_path: Path
+) -> None:
+    service = SmolLMService(make_settings(model_path), engine=engine)
+
+    async def answer(live_text: bool) -> tuple[list[str], Outcome, int]:
+        prepared = service.prepare_generate("Once upon a time", RequestOptions(max_tokens=24, temperature=0))
+        chunks: list[str] = []
+        async for item in service.open_stream(prepared, live_text=live_text):
+            if isinstance(item, Outcome):
+                return chunks, item, inbox_of(asyncio.get_running_loop()).wakeups
+            chunks.append(item)
+        raise AssertionError("the stream ended without an outcome")
+
+    whole_chunks, whole, whole_wakeups = asyncio.run(answer(live_text=False))
+    streamed_chunks, streamed, streamed_wakeups = asyncio.run(answer(live_text=True))
+    assert whole.completion_tokens == streamed.completion_tokens == 24
+    assert whole_chunks == [whole.text] and len(streamed_chunks) >= 12
+    assert whole_wakeups <= 3 < 12 <= streamed_wakeups
+    # The held text still dates the first token from when the engine made it, not from when the answer ended.
+    assert whole.first_token_s is not None and whole.first_token_s < whole.total_s / 2

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
+import time
 
 from innova_smollm.generation import FinishReason
-from innova_smollm.sinks import AsyncSink, Finished, LoopInbox, Text, inbox_of
+from innova_smollm.sinks import AsyncSink, BlockingSink, Failed, Finished, LoopInbox, Started, Text, inbox_of
 
 
 def test_a_burst_posted_before_the_loop_runs_costs_one_wake_up_and_keeps_its_order() -> None:
@@ -23,7 +25,9 @@ def test_a_burst_posted_before_the_loop_runs_costs_one_wake_up_and_keeps_its_ord
         return received, inbox_of(loop)
 
     received, inbox = asyncio.run(scenario())
-    assert received == [Text(f"token {index}") for index in range(4) for _ in range(2)]
+    assert [event.text for event in received if isinstance(event, Text)] == [
+        f"token {index}" for index in range(4) for _ in range(2)
+    ]
     assert (inbox.posted, inbox.wakeups) == (8, 1)
 
 
@@ -33,7 +37,8 @@ def test_events_after_a_drain_wake_the_loop_again() -> None:
         sink = AsyncSink(loop)
         for round_ in range(3):
             await asyncio.to_thread(sink.text, f"round {round_}")
-            assert await sink.get(timeout=5) == Text(f"round {round_}")
+            received = await sink.get(timeout=5)
+            assert isinstance(received, Text) and received.text == f"round {round_}"
         await asyncio.to_thread(sink.finished, FinishReason.STOP, 3)
         assert await sink.get(timeout=5) == Finished(FinishReason.STOP, 3)
         return inbox_of(loop)
@@ -57,3 +62,52 @@ def test_every_sink_of_a_closed_loop_learns_it_not_only_the_first() -> None:
     for sink in sinks:
         sink.text("nobody is listening")
     assert [sink.cancelled() for sink in sinks] == [True, True, True]
+
+
+def drained(sink: BlockingSink) -> list[object]:
+    events: list[object] = []
+    while True:
+        try:
+            events.append(sink.get(timeout=0))
+        except queue.Empty:
+            return events
+
+
+def test_held_text_arrives_as_one_chunk_before_the_end_stamped_with_its_first_token() -> None:
+    sink = BlockingSink(live_text=False)
+    sink.started()
+    before = time.monotonic()
+    sink.text("Once")
+    after = time.monotonic()
+    sink.text(" upon")
+    sink.text(" a time")
+    assert [type(event) for event in drained(sink)] == [Started]  # nothing else until the end
+    sink.finished(FinishReason.LENGTH, 3)
+    text, finished = drained(sink)
+    assert isinstance(text, Text) and text.text == "Once upon a time"
+    assert before <= text.produced_at <= after
+    assert finished == Finished(FinishReason.LENGTH, 3)
+
+
+def test_held_text_is_handed_over_before_a_failure_and_no_empty_chunk_is_made() -> None:
+    failing = BlockingSink(live_text=False)
+    failing.text("partial")
+    error = RuntimeError("decode failed")
+    failing.failed(error)
+    text, failed = drained(failing)
+    assert isinstance(text, Text) and text.text == "partial"
+    assert failed == Failed(error)
+
+    silent = BlockingSink(live_text=False)
+    silent.finished(FinishReason.STOP, 0)
+    assert drained(silent) == [Finished(FinishReason.STOP, 0)]
+
+
+def test_live_text_is_posted_chunk_by_chunk() -> None:
+    sink = BlockingSink()
+    sink.text("a")
+    sink.text("b")
+    sink.finished(FinishReason.STOP, 2)
+    events = drained(sink)
+    assert [event.text for event in events if isinstance(event, Text)] == ["a", "b"]
+    assert events[-1] == Finished(FinishReason.STOP, 2)

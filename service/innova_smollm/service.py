@@ -125,9 +125,9 @@ class _Collector:
         self.first_token_at: float | None = None
         self.started = False
 
-    def on_text(self, chunk: str) -> None:
+    def on_text(self, chunk: str, produced_at: float) -> None:
         if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
+            self.first_token_at = produced_at
         self.parts.append(chunk)
 
     def outcome(self, reason: FinishReason, completion_tokens: int) -> Outcome:
@@ -364,18 +364,21 @@ class SmolLMService:
 
     # --- running --------------------------------------------------------------------------------------------
 
-    def open_stream(self, prepared: Prepared) -> AsyncIterator[str | Outcome]:
+    def open_stream(self, prepared: Prepared, *, live_text: bool = True) -> AsyncIterator[str | Outcome]:
         """Admit the request (or raise QueueFullError at once) and return its stream of text chunks and outcome.
+
+        With ``live_text=False`` (a caller that only wants the whole answer) the text comes as one chunk just before
+        the outcome, which spares the event loop a wake-up per token (see :mod:`innova_smollm.sinks`).
 
         The place in line is released when the stream ends, is closed, or is dropped without ever being iterated
         (a client that vanished before the first byte), so admission can never leak.
         """
         ticket = self.admit()
-        stream = self._stream(prepared, ticket)
+        stream = self._stream(prepared, ticket, live_text)
         weakref.finalize(stream, ticket.release)
         return stream
 
-    async def _stream(self, prepared: Prepared, ticket: Ticket) -> AsyncIterator[str | Outcome]:
+    async def _stream(self, prepared: Prepared, ticket: Ticket, live_text: bool) -> AsyncIterator[str | Outcome]:
         sink: AsyncSink | None = None
         answered = False
         try:
@@ -384,7 +387,7 @@ class SmolLMService:
                 answered = True
                 yield self._echo_outcome(prepared)
                 return
-            sink = AsyncSink(asyncio.get_running_loop())
+            sink = AsyncSink(asyncio.get_running_loop(), live_text=live_text)
             assert self._engine is not None
             self._engine.submit(prepared.job, sink)
             collector = _Collector(prepared)
@@ -421,7 +424,7 @@ class SmolLMService:
     def run_blocking(self, prepared: Prepared) -> Outcome:
         """Run a prepared request to the end on the calling thread (in-process API, CLI)."""
         ticket = self.admit()
-        sink = BlockingSink()
+        sink = BlockingSink(live_text=False)
         try:
             if prepared.job is None:
                 return self._echo_outcome(prepared)
@@ -448,7 +451,7 @@ class SmolLMService:
             collector.queue_s = event.queue_wait_s
             return None
         if isinstance(event, Text):
-            collector.on_text(event.text)
+            collector.on_text(event.text, event.produced_at)
             return event.text
         if isinstance(event, Finished):
             outcome = collector.outcome(event.reason, event.completion_tokens)
@@ -477,7 +480,7 @@ class SmolLMService:
     def _echo_outcome(self, prepared: Prepared) -> Outcome:
         """The whole answer of the echo provider or fallback: the text it repeats (its words count as tokens)."""
         collector = _Collector(prepared)
-        collector.on_text(prepared.echo_text)
+        collector.on_text(prepared.echo_text, time.monotonic())
         return self._observed(collector.outcome(FinishReason.STOP, len(prepared.echo_text.split())))
 
     def _observed(self, outcome: Outcome) -> Outcome:

@@ -110,7 +110,7 @@ async def _answer(
     data: oai.Sampling,
 ) -> W | Response[Any]:
     # Admission happens here, before any byte is sent, so a full queue is still a plain 503 with Retry-After.
-    stream = service.open_stream(prepared)
+    stream = service.open_stream(prepared, live_text=data.stream)
     if data.stream:
         return sse_response(_events(stream, answer, request.scope, data.include_usage))
     outcome = await unless_disconnected(request.receive, lambda: collect(stream))

@@ -112,7 +112,7 @@ async def prepare_chat(request: Request[Any, Any, Any], service: SmolLMService, 
 async def answer(
     request: Request[Any, Any, Any], service: SmolLMService, prepared: Prepared, stream_requested: bool
 ) -> Outcome | Response[Any]:
-    stream = service.open_stream(prepared)
+    stream = service.open_stream(prepared, live_text=stream_requested)
     if stream_requested:
         return sse_response(native_events(service, stream, request.scope))
     outcome = await unless_disconnected(request.receive, lambda: collect(stream))
