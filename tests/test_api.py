@@ -7,6 +7,7 @@ import json
 import pytest
 import requests
 
+from innova_smollm.socket_writer import SocketWriter
 from tests.conftest import API, LONG_PROMPT, LiveServer, forget_cached_prompt, parse_sse
 
 SEED_PAYLOAD = {
@@ -103,9 +104,11 @@ def test_stream_text_equals_the_plain_answer(live: LiveServer) -> None:
     forget_cached_prompt(live)
     plain = live.post(f"{API}/chat", json=payload).json()["response"]
     forget_cached_prompt(live)
+    opened = SocketWriter.opened
     events = parse_sse(live.post(f"{API}/chat", json={**payload, "stream": True}).text)
     streamed = "".join(json.loads(data)["text"] for name, data in events if name == "token")
     assert streamed == plain
+    assert SocketWriter.opened == opened + 1  # the engine thread wrote the tokens (socket_writer)
 
 
 def test_health_answers_ok_on_get_and_post(live: LiveServer) -> None:

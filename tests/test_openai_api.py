@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +14,17 @@ import pytest
 import requests
 
 from innova_smollm.engine.llama import LlamaEngine
-from tests.conftest import API, LONG_PROMPT, LiveServer, make_settings, parse_sse, serve_in_thread, wait_until
+from innova_smollm.socket_writer import SocketWriter
+from tests.conftest import (
+    API,
+    LONG_PROMPT,
+    LiveServer,
+    forget_cached_prompt,
+    make_settings,
+    parse_sse,
+    serve_in_thread,
+    wait_until,
+)
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 
@@ -256,3 +269,54 @@ def test_a_generation_cut_by_the_server_deadline_finishes_with_length(
     assert completion.choices[0].finish_reason == "length"
     assert completion.usage is not None and completion.usage.completion_tokens < RUNWAY_TOKENS
     assert 'smollm_answers_total{finish_reason="timeout",source="local"} 1.0' in metrics
+
+
+def streamed_completion_text(events: list[tuple[str, str]]) -> str:
+    assert events[-1][1] == "[DONE]"
+    return "".join(json.loads(data)["choices"][0]["text"] for _, data in events[:-1] if json.loads(data)["choices"])
+
+
+def test_a_stream_is_written_by_the_engine_thread_and_matches_the_plain_answer(live: LiveServer) -> None:
+    payload = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 24, "temperature": 0}
+    forget_cached_prompt(live)
+    plain = live.post("/v1/completions", json=payload).json()["choices"][0]["text"]
+    forget_cached_prompt(live)
+    opened, handed_back = SocketWriter.opened, SocketWriter.handed_back
+    reply = live.post("/v1/completions", json={**payload, "stream": True})
+    assert streamed_completion_text(parse_sse(reply.text)) == plain
+    assert (SocketWriter.opened, SocketWriter.handed_back) == (opened + 1, handed_back)
+
+
+def test_a_client_reading_slower_than_the_model_still_gets_the_whole_stream_in_order(
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payload = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 400, "temperature": 0}
+    forget_cached_prompt(live)
+    plain = live.post("/v1/completions", json=payload).json()["choices"][0]["text"]
+    forget_cached_prompt(live)
+    # On loopback the kernel lets a socket queue megabytes; a slow network path gives it a few kilobytes.
+    make_writer = SocketWriter.for_transport
+
+    def with_a_small_send_buffer(transport: asyncio.WriteTransport) -> SocketWriter | None:
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return make_writer(transport)
+
+    monkeypatch.setattr(SocketWriter, "for_transport", with_a_small_send_buffer)
+    handed_back = SocketWriter.handed_back
+    # A small receive window, and nothing read until the socket has filled up and the loop has taken over.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.connect(live.address)
+    connection = http.client.HTTPConnection(*live.address, timeout=120)
+    connection.sock = sock
+    try:
+        connection.request(
+            "POST", "/v1/completions", json.dumps({**payload, "stream": True}), {"Content-Type": "application/json"}
+        )
+        reply = connection.getresponse()
+        assert reply.status == 200
+        assert wait_until(lambda: SocketWriter.handed_back > handed_back, timeout=60)
+        body = reply.read().decode()
+    finally:
+        connection.close()
+    assert streamed_completion_text(parse_sse(body)) == plain

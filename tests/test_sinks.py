@@ -8,7 +8,19 @@ import threading
 import time
 
 from innova_smollm.generation import FinishReason
-from innova_smollm.sinks import AsyncSink, BlockingSink, Failed, Finished, LoopInbox, Started, Text, inbox_of
+from innova_smollm.sinks import (
+    AsyncSink,
+    BlockingSink,
+    DirectText,
+    Event,
+    Failed,
+    Finished,
+    LoopInbox,
+    Started,
+    Text,
+    Unsent,
+    inbox_of,
+)
 
 
 def test_a_burst_posted_before_the_loop_runs_costs_one_wake_up_and_keeps_its_order() -> None:
@@ -111,3 +123,71 @@ def test_live_text_is_posted_chunk_by_chunk() -> None:
     events = drained(sink)
     assert [event.text for event in events if isinstance(event, Text)] == ["a", "b"]
     assert events[-1] == Finished(FinishReason.STOP, 2)
+
+
+class ScriptedWriter:
+    """A socket that takes whole chunks until told otherwise (the real one is in test_socket_writer.py)."""
+
+    def __init__(self, *, full_after: int | None = None, gone_after: int | None = None) -> None:
+        self.chunks: list[bytes] = []
+        self.full_after, self.gone_after = full_after, gone_after
+
+    def write_chunk(self, payload: bytes) -> bytes:
+        if self.gone_after is not None and len(self.chunks) >= self.gone_after:
+            raise BrokenPipeError("the client went away")
+        if self.full_after is not None and len(self.chunks) >= self.full_after:
+            return payload[1:]  # took only the first byte
+        self.chunks.append(payload)
+        return b""
+
+    def write_on_loop(self, data: bytes) -> None:
+        raise AssertionError("the sink never writes on the loop itself")
+
+    def close(self) -> None:
+        pass
+
+
+def direct_run(writer: ScriptedWriter, texts: list[str]) -> tuple[list[Event], bool]:
+    """Feed ``texts`` then Finished through a direct AsyncSink; the events the loop received, and if it cancelled."""
+
+    async def scenario() -> tuple[list[Event], bool]:
+        sink = AsyncSink(asyncio.get_running_loop(), direct=DirectText(str.encode, writer))
+        for text in texts:
+            sink.text(text)
+        sink.finished(FinishReason.LENGTH, len(texts))
+        events = [await sink.get(timeout=5)]
+        while not isinstance(events[-1], Finished):
+            events.append(await sink.get(timeout=5))
+        return events, sink.cancelled()
+
+    return asyncio.run(scenario())
+
+
+def test_direct_text_is_written_by_the_engine_thread_and_reaches_the_loop_only_for_the_outcome() -> None:
+    writer = ScriptedWriter()
+    events, cancelled = direct_run(writer, ["Once", " upon", " a time"])
+    assert writer.chunks == [b"Once", b" upon", b" a time"]
+    delivered, finished = events
+    assert isinstance(delivered, Text) and (delivered.text, delivered.delivered) == ("Once upon a time", True)
+    assert finished == Finished(FinishReason.LENGTH, 3) and not cancelled
+
+
+def test_a_full_socket_hands_the_rest_of_the_answer_to_the_loop_in_order() -> None:
+    writer = ScriptedWriter(full_after=2)
+    events, cancelled = direct_run(writer, ["a", "b", "cde", "f"])
+    assert writer.chunks == [b"a", b"b"]
+    delivered, unsent, live, finished = events
+    # "cde" was partly written: it counts as delivered, and the loop writes the two bytes the socket did not take.
+    assert isinstance(delivered, Text) and (delivered.text, delivered.delivered) == ("abcde", True)
+    assert isinstance(unsent, Unsent) and unsent.data == b"de"
+    assert isinstance(live, Text) and (live.text, live.delivered) == ("f", False)
+    assert finished == Finished(FinishReason.LENGTH, 4) and not cancelled
+
+
+def test_a_gone_client_cancels_the_job_and_the_engine_thread_writes_no_more() -> None:
+    writer = ScriptedWriter(gone_after=1)
+    events, cancelled = direct_run(writer, ["a", "b", "c"])
+    assert cancelled and writer.chunks == [b"a"]
+    # The text made so far still reaches the outcome; what comes before the cancel lands goes the loop's way.
+    texts = [(event.text, event.delivered) for event in events if isinstance(event, Text)]
+    assert texts == [("ab", True), ("c", False)]

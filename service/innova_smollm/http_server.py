@@ -5,6 +5,10 @@ frame and a socket write, and on a 2-core box that CPU is taken from llama.cpp's
 one streaming client (SmolLM2, 128 tokens x 12 requests, 3 alternating runs): the loop's thread used 0.35 ms of CPU
 per token with asyncio + h11 and 0.25 ms with uvloop + httptools (README, Performance).
 
+:class:`ServiceHttpProtocol` also offers each request the ASGI scope extension ``innova.socket_writer``
+(:mod:`innova_smollm.socket_writer`): in the middle of a chunked HTTP/1.1 body, the engine thread may write a streamed
+answer's chunks to the socket itself, without waking the event loop per token.
+
 httptools leaves two gaps that h11 did not, closed here:
 - uvicorn answers a request it cannot parse (a DEL byte in a header value, a broken request line) with a plain-text
   400. This service answers every error with its JSON error body, so :class:`ServiceHttpProtocol` does here too.
@@ -15,13 +19,15 @@ httptools leaves two gaps that h11 did not, closed here:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import msgspec
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from innova_smollm.http_errors import error_body
+from innova_smollm.socket_writer import SOCKET_WRITER_EXTENSION, SocketWriter
 
 #: The most a request line and its headers may take, as h11's default (uvicorn's ``h11_max_incomplete_event_size``).
 MAX_HEAD_BYTES = 16 * 1024
@@ -54,6 +60,10 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         self._heads_completed += 1
         self._head_bytes = 0
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:  # not for a connection upgrade, which makes no cycle
+            extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
+            extensions[SOCKET_WRITER_EXTENSION] = functools.partial(_socket_writer_for, cycle)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -74,6 +84,13 @@ class ServiceHttpProtocol(HttpToolsProtocol):
         ]
         self.transport.write(b"".join(head) + body)
         self.transport.close()
+
+
+def _socket_writer_for(cycle: RequestResponseCycle) -> SocketWriter | None:
+    # Only inside a chunked body: the engine thread frames its chunks as uvicorn frames the loop's.
+    if cycle.response_complete or cycle.disconnected or cycle.chunked_encoding is not True:
+        return None
+    return SocketWriter.for_transport(cycle.transport)
 
 
 def uvicorn_config(app: Any, *, host: str, port: int, **options: Any) -> uvicorn.Config:

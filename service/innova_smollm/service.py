@@ -28,7 +28,7 @@ from innova_smollm.errors import (
 )
 from innova_smollm.generation import ChatMessage, Engine, FinishReason, GenerationJob, ModelMetadata, SamplingParams
 from innova_smollm.settings import Fallback, Provider, Settings
-from innova_smollm.sinks import AsyncSink, BlockingSink, Event, Failed, Finished, Started, Text
+from innova_smollm.sinks import AsyncSink, BlockingSink, DirectText, Event, Failed, Finished, Started, Text, Unsent
 
 log = logging.getLogger(__name__)
 
@@ -364,22 +364,37 @@ class SmolLMService:
 
     # --- running --------------------------------------------------------------------------------------------
 
-    def open_stream(self, prepared: Prepared, *, live_text: bool = True) -> AsyncIterator[str | Outcome]:
+    def open_stream(
+        self,
+        prepared: Prepared,
+        *,
+        live_text: bool = True,
+        open_direct: Callable[[], DirectText | None] | None = None,
+    ) -> AsyncIterator[str | Outcome]:
         """Admit the request (or raise QueueFullError at once) and return its stream of text chunks and outcome.
 
         With ``live_text=False`` (a caller that only wants the whole answer) the text comes as one chunk just before
         the outcome, which spares the event loop a wake-up per token (see :mod:`innova_smollm.sinks`).
+        ``open_direct`` is called as the stream starts; when it gives a :class:`DirectText`, the engine thread writes
+        the text to the client itself and this stream yields only the text it could not write, then the outcome.
 
         The place in line is released when the stream ends, is closed, or is dropped without ever being iterated
         (a client that vanished before the first byte), so admission can never leak.
         """
         ticket = self.admit()
-        stream = self._stream(prepared, ticket, live_text)
+        stream = self._stream(prepared, ticket, live_text, open_direct)
         weakref.finalize(stream, ticket.release)
         return stream
 
-    async def _stream(self, prepared: Prepared, ticket: Ticket, live_text: bool) -> AsyncIterator[str | Outcome]:
+    async def _stream(
+        self,
+        prepared: Prepared,
+        ticket: Ticket,
+        live_text: bool,
+        open_direct: Callable[[], DirectText | None] | None,
+    ) -> AsyncIterator[str | Outcome]:
         sink: AsyncSink | None = None
+        direct: DirectText | None = None
         answered = False
         try:
             if prepared.job is None:
@@ -387,12 +402,17 @@ class SmolLMService:
                 answered = True
                 yield self._echo_outcome(prepared)
                 return
-            sink = AsyncSink(asyncio.get_running_loop(), live_text=live_text)
+            direct = open_direct() if open_direct is not None else None
+            sink = AsyncSink(asyncio.get_running_loop(), live_text=live_text, direct=direct)
             assert self._engine is not None
             self._engine.submit(prepared.job, sink)
             collector = _Collector(prepared)
             while True:
                 event = await self._next_async(sink, collector, prepared.job)
+                if isinstance(event, Unsent):
+                    assert direct is not None
+                    direct.writer.write_on_loop(event.data)
+                    continue
                 result = self._apply(event, collector, prepared)
                 if isinstance(result, str):
                     yield result
@@ -410,6 +430,8 @@ class SmolLMService:
         finally:
             if sink is not None:
                 sink.cancel()
+            if direct is not None:
+                direct.writer.close()
             ticket.release()
 
     async def _next_async(self, sink: AsyncSink, collector: _Collector, job: GenerationJob) -> Event:
@@ -437,6 +459,7 @@ class SmolLMService:
                     event = sink.get(timeout=timeout)
                 except queue.Empty:
                     raise RequestTimeoutError(self.settings.request_timeout_s) from None
+                assert not isinstance(event, Unsent), "a sink without a DirectText writes nothing itself"
                 result = self._apply(event, collector, prepared)
                 if isinstance(result, Outcome):
                     return result
@@ -444,7 +467,9 @@ class SmolLMService:
             sink.cancel()
             ticket.release()
 
-    def _apply(self, event: Event, collector: _Collector, prepared: Prepared) -> str | Outcome | None:
+    def _apply(
+        self, event: Started | Text | Finished | Failed, collector: _Collector, prepared: Prepared
+    ) -> str | Outcome | None:
         """One engine event: the text to pass on, the final outcome, or None. Raises on failure."""
         if isinstance(event, Started):
             collector.started = True
@@ -452,7 +477,7 @@ class SmolLMService:
             return None
         if isinstance(event, Text):
             collector.on_text(event.text, event.produced_at)
-            return event.text
+            return None if event.delivered else event.text
         if isinstance(event, Finished):
             outcome = collector.outcome(event.reason, event.completion_tokens)
             self._admission.observe_duration(outcome.total_s)

@@ -28,6 +28,7 @@ from innova_smollm.http_errors import describe_validation, headers_of, status_of
 from innova_smollm.requestlog import note, note_outcome
 from innova_smollm.routes.smollm import CLIENT_CLOSED_REQUEST, collect
 from innova_smollm.service import Outcome, Prepared, SmolLMService
+from innova_smollm.socket_writer import direct_text_for
 from innova_smollm.sse import frame, sse_response
 
 log = logging.getLogger(__name__)
@@ -110,9 +111,12 @@ async def _answer(
     data: oai.Sampling,
 ) -> W | Response[Any]:
     # Admission happens here, before any byte is sent, so a full queue is still a plain 503 with Retry-After.
-    stream = service.open_stream(prepared, live_text=data.stream)
     if data.stream:
+        # The engine thread writes the text chunks to the socket itself when the server allows it (socket_writer).
+        open_direct = direct_text_for(request.scope, lambda text: frame(None, answer.text(text)))
+        stream = service.open_stream(prepared, open_direct=open_direct)
         return sse_response(_events(stream, answer, request.scope, data.include_usage))
+    stream = service.open_stream(prepared, live_text=False)
     outcome = await unless_disconnected(request.receive, lambda: collect(stream))
     if outcome is None:
         note(request.scope, finish_reason="cancelled")

@@ -33,6 +33,7 @@ from innova_smollm.schemas import (
     StreamDone,
 )
 from innova_smollm.service import Outcome, Prepared, RequestOptions, SmolLMService, State
+from innova_smollm.socket_writer import direct_text_for
 from innova_smollm.sse import frame, sse_response
 
 #: Sent when a client went away before its answer was ready; nobody reads it (nginx's "client closed request").
@@ -71,6 +72,10 @@ async def collect(stream: AsyncIterator[str | Outcome]) -> Outcome:
     raise RuntimeError("the answer stream ended without an outcome")  # pragma: no cover - service invariant
 
 
+def token_frame(text: str) -> bytes:
+    return frame("token", {"text": text})
+
+
 async def native_events(
     service: SmolLMService, stream: AsyncIterator[str | Outcome], scope: Scope
 ) -> AsyncIterator[bytes]:
@@ -80,7 +85,7 @@ async def native_events(
         async for item in stream:
             if isinstance(item, str):
                 if item:
-                    yield frame("token", {"text": item})
+                    yield token_frame(item)
             else:
                 finished = True
                 note_outcome(scope, item)
@@ -112,9 +117,12 @@ async def prepare_chat(request: Request[Any, Any, Any], service: SmolLMService, 
 async def answer(
     request: Request[Any, Any, Any], service: SmolLMService, prepared: Prepared, stream_requested: bool
 ) -> Outcome | Response[Any]:
-    stream = service.open_stream(prepared, live_text=stream_requested)
     if stream_requested:
+        # The engine thread writes the tokens to the socket itself when the server allows it (socket_writer).
+        open_direct = direct_text_for(request.scope, token_frame)
+        stream = service.open_stream(prepared, open_direct=open_direct)
         return sse_response(native_events(service, stream, request.scope))
+    stream = service.open_stream(prepared, live_text=False)
     outcome = await unless_disconnected(request.receive, lambda: collect(stream))
     if outcome is None:
         note(request.scope, finish_reason="cancelled")
