@@ -14,10 +14,10 @@ as cores that CPU is taken from the decode.
 A streaming :class:`AsyncSink` made with a :class:`DirectText` writes each text chunk to the client's socket itself,
 on the engine thread, and the event loop is not woken per token at all: it only learns the text at the end, for the
 outcome. Why: a wake-up of the loop costs it about 0.2 ms of CPU per token whatever it then does (a patch that wrote
-each chunk from the wake-up's callback, past every layer, cost as much), and that CPU is taken from the decode;
-writing from the engine thread made one streaming client 2.1-2.4 % faster, level with llama-server (README,
-Performance). When the socket does not take a whole chunk at once (a client reading slower than the model writes),
-what it did not take goes to the loop and the rest of the answer follows through the loop, in order.
+each chunk from the wake-up's callback, past every layer, cost as much), and that CPU is taken from the decode
+(README, Performance: one streaming client went from 2 % behind llama-server to level with it). When the socket
+does not take a whole chunk at once (a client reading slower than the model writes), what it did not take goes to
+the loop and the rest of the answer follows through the loop, in order.
 """
 
 from __future__ import annotations
