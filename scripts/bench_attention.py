@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Decode speed of llama.cpp's attention variants, side by side in one process: flash attention on or off, one KV
-cache shared by all sequences (``kv_unified``, what BatchedLlamaEngine uses) or one per sequence.
+cache shared by all sequences (``kv_unified``, what GGUFEngine uses) or one per sequence.
 
 Each configuration gets its own context; the configurations take turns for ``--rounds`` rounds and the table shows
 medians. Every step decodes one token for each of ``--sequences`` sequences whose prompts hold ``--context``

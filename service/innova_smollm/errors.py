@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 
-class SmolLMError(Exception):
+class ServiceError(Exception):
     """Base of every error the service reports to a caller."""
 
     type = "smollm_error"
@@ -19,13 +19,13 @@ class SmolLMError(Exception):
         self.details = details
 
 
-class SettingsError(SmolLMError):
+class SettingsError(ServiceError):
     """A configuration value is invalid; start-up stops with this message."""
 
     type = "invalid_setting"
 
 
-class InvalidRequestError(SmolLMError):
+class InvalidRequestError(ServiceError):
     """The request is malformed or breaks a limit; ``field`` names the culprit."""
 
     type = "invalid_request"
@@ -53,7 +53,7 @@ class ContextLengthExceededError(InvalidRequestError):
         )
 
 
-class QueueFullError(SmolLMError):
+class QueueFullError(ServiceError):
     """Admission refused: the waiting line is full. Retry after ``retry_after_s`` seconds."""
 
     type = "queue_full"
@@ -68,7 +68,7 @@ class QueueFullError(SmolLMError):
         self.retry_after_s = retry_after_s
 
 
-class NotReadyError(SmolLMError):
+class NotReadyError(ServiceError):
     """The model cannot serve: it is loading, failed to load, the service is disabled or shutting down."""
 
     type = "not_ready"
@@ -80,7 +80,7 @@ class NotReadyError(SmolLMError):
         self.retry_after_s = retry_after_s
 
 
-class RequestTimeoutError(SmolLMError):
+class RequestTimeoutError(ServiceError):
     """The request waited in line past SMOLLM_REQUEST_TIMEOUT_S before its generation could start."""
 
     type = "timeout"
@@ -90,19 +90,19 @@ class RequestTimeoutError(SmolLMError):
         self.timeout_s = timeout_s
 
 
-class ModelLoadError(SmolLMError):
+class ModelLoadError(ServiceError):
     """A model file could not be loaded; the message names the path and what is wrong with it."""
 
     type = "model_load_error"
 
 
-class GenerationError(SmolLMError):
+class GenerationError(ServiceError):
     """llama.cpp failed while generating (not the caller's fault)."""
 
     type = "generation_error"
 
 
-class AuthenticationError(SmolLMError):
+class AuthenticationError(ServiceError):
     """The request lacks a valid API key."""
 
     type = "authentication_error"

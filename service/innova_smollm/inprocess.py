@@ -1,7 +1,7 @@
 """The in-process API: ``get_smollm_model().chat_completion(messages=[...], max_tokens=256)``.
 
 The answer has the same shape as the HTTP chat answer, and the same limits apply: both go through
-:class:`~innova_smollm.service.SmolLMService`. The model loads once per process; concurrent callers share it and
+:class:`~innova_smollm.core.service.ModelService`. The model loads once per process; concurrent callers share it and
 are served in order by the engine's single worker.
 """
 
@@ -13,10 +13,10 @@ from typing import Any
 
 import msgspec
 
-from innova_smollm.answers import service_info, timings_of, usage_of
+from innova_smollm.core.service import ModelService, Outcome, RequestOptions, State
+from innova_smollm.core.types import ChatMessage
 from innova_smollm.errors import InvalidRequestError, ModelLoadError
-from innova_smollm.generation import ChatMessage
-from innova_smollm.service import Outcome, RequestOptions, SmolLMService, State
+from innova_smollm.http.native.serving import service_info, timings_of, usage_of
 from innova_smollm.settings import Settings
 
 _lock = threading.Lock()
@@ -24,18 +24,18 @@ _model: SmolLMModel | None = None
 
 
 class SmolLMModel:
-    def __init__(self, settings: Settings, service: SmolLMService | None = None) -> None:
+    def __init__(self, settings: Settings, service: ModelService | None = None) -> None:
         if service is None:
             from innova_smollm.engine import load_engine
 
-            service = SmolLMService(settings, loader=load_engine)
+            service = ModelService(settings, loader=load_engine)
             service.load()
         if service.state is State.ERROR and settings.fallback.value == "none":
             raise ModelLoadError(service.detail or "the model could not be loaded")
         self._service = service
 
     @property
-    def service(self) -> SmolLMService:
+    def service(self) -> ModelService:
         return self._service
 
     def chat_completion(

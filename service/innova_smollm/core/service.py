@@ -1,0 +1,509 @@
+"""The model service: state, request preparation and the two ways to run a request.
+
+Both the HTTP routes and the in-process API (:func:`innova_smollm.get_smollm_model`) go through one
+:class:`ModelService`, so the limits, the context check, the echo provider and the fallback behave the same
+everywhere. It knows nothing of HTTP and nothing of llama.cpp: it talks to an :class:`~innova_smollm.core.types.Engine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from innova_smollm.core.admission import Admission, Ticket
+from innova_smollm.core.sinks import AsyncSink, BlockingSink, Event, Failed, Finished, Started, Text
+from innova_smollm.core.types import ChatMessage, Engine, FinishReason, GenerationJob, ModelMetadata, SamplingParams
+from innova_smollm.errors import (
+    ContextLengthExceededError,
+    GenerationError,
+    InvalidRequestError,
+    NotReadyError,
+    RequestTimeoutError,
+    ServiceError,
+)
+from innova_smollm.settings import Fallback, Provider, Settings
+
+log = logging.getLogger(__name__)
+
+EngineLoader = Callable[[Settings], Engine]
+
+
+class State(StrEnum):
+    LOADING = "loading"
+    OK = "ok"
+    ERROR = "error"
+    DISABLED = "disabled"
+    STOPPING = "stopping"
+
+
+class Source(StrEnum):
+    LOCAL = "local"
+    ECHO = "echo"
+    ECHO_FALLBACK = "echo-fallback"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestOptions:
+    """What a caller may tune, already type-checked by the wire schema."""
+
+    max_tokens: int | None = None
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 40
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prepared:
+    """A request that passed every check and is ready to run."""
+
+    source: Source
+    prompt_tokens: int
+    job: GenerationJob | None = None
+    echo_text: str = ""
+    fallback_reason: str | None = None
+    arrived_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """How a request ended, for the final answer or the final stream event."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    source: Source
+    fallback_reason: str | None
+    queue_s: float
+    first_token_s: float | None
+    total_s: float
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        if self.first_token_s is None or self.completion_tokens < 2:
+            return None
+        decode_s = self.total_s - self.first_token_s
+        return (self.completion_tokens - 1) / decode_s if decode_s > 0 else None
+
+
+class Observer(Protocol):
+    """Hears how requests end, e.g. to export metrics. Called on the event loop or a worker thread: return quickly."""
+
+    def on_outcome(self, outcome: Outcome) -> None:
+        """A request produced its answer (model, echo or fallback)."""
+        ...
+
+    def on_cancelled(self) -> None:
+        """A running request's caller went away before its answer was complete."""
+        ...
+
+
+class _NoObserver:
+    def on_outcome(self, outcome: Outcome) -> None:
+        pass
+
+    def on_cancelled(self) -> None:
+        pass
+
+
+class _Collector:
+    """Folds engine events into an :class:`Outcome`; shared by the async and the blocking paths."""
+
+    def __init__(self, prepared: Prepared) -> None:
+        self.prepared = prepared
+        self.parts: list[str] = []
+        self.queue_s = 0.0
+        self.first_token_at: float | None = None
+        self.started = False
+
+    def on_text(self, chunk: str, produced_at: float) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = produced_at
+        self.parts.append(chunk)
+
+    def outcome(self, reason: FinishReason, completion_tokens: int) -> Outcome:
+        now = time.monotonic()
+        arrived = self.prepared.arrived_at
+        return Outcome(
+            text="".join(self.parts),
+            finish_reason=reason,
+            prompt_tokens=self.prepared.prompt_tokens,
+            completion_tokens=completion_tokens,
+            source=self.prepared.source,
+            fallback_reason=self.prepared.fallback_reason,
+            queue_s=self.queue_s,
+            first_token_s=None if self.first_token_at is None else self.first_token_at - arrived,
+            total_s=now - arrived,
+        )
+
+
+class ModelService:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine | None = None,
+        loader: EngineLoader | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        self.settings = settings
+        self._observer: Observer = observer or _NoObserver()
+        self._engine = engine
+        # An engine handed in belongs to the caller, who may share it; one we load is ours to close.
+        self._owns_engine = engine is None
+        self._loader = loader
+        self._state = State.OK if engine is not None else State.LOADING
+        self._detail: str | None = None
+        self._admission = Admission(parallel=settings.parallel, max_queue=settings.max_queue)
+        if not settings.enabled:
+            self._state, self._detail = State.DISABLED, "ENABLE_SMOLLM is false"
+        elif settings.provider is Provider.ECHO:
+            self._state = State.OK
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def detail(self) -> str | None:
+        return self._detail
+
+    @property
+    def engine(self) -> Engine | None:
+        return self._engine
+
+    def load(self) -> None:
+        """Load the model (blocking). Failures are kept as state, never raised: the process stays up to say why."""
+        if self._state is not State.LOADING:
+            return
+        if self._loader is None:
+            self._fail_load("no model loader was configured")
+            return
+        started = time.perf_counter()
+        try:
+            engine = self._loader(self.settings)
+        except ServiceError as exc:
+            self._fail_load(exc.message)
+            return
+        except Exception as exc:  # a loader bug must not kill the process: report it on health instead
+            log.exception("unexpected error while loading %s", self.settings.model_path)
+            self._fail_load(f"unexpected error while loading {self.settings.model_path}: {exc}")
+            return
+        if self.state is State.STOPPING:  # shutdown began while the model was loading
+            engine.close()
+            return
+        self._engine = engine
+        self._state = State.OK
+        meta = engine.metadata
+        log.info(
+            "model loaded",
+            extra={
+                "event": "model_loaded",
+                "model": meta.name,
+                "parameters": meta.parameters,
+                "quantization": meta.quantization,
+                "load_s": round(time.perf_counter() - started, 3),
+            },
+        )
+
+    def _fail_load(self, message: str) -> None:
+        self._state, self._detail = State.ERROR, message
+        log.error("model not loaded: %s", message, extra={"event": "model_load_failed"})
+
+    def begin_shutdown(self) -> None:
+        """Readiness turns 503 at once; requests already admitted carry on."""
+        if self._state is not State.DISABLED:
+            self._state, self._detail = State.STOPPING, "the service is shutting down"
+
+    def close(self) -> None:
+        self.begin_shutdown()
+        engine, self._engine = self._engine, None
+        if engine is not None and self._owns_engine:
+            engine.close()
+
+    @property
+    def in_flight(self) -> int:
+        return self._admission.in_flight
+
+    # --- describing the model ---------------------------------------------------------------------------------
+
+    def metadata(self) -> ModelMetadata | None:
+        return self._engine.metadata if self._engine is not None else None
+
+    def model_info(self, source: Source, fallback_reason: str | None = None) -> dict[str, object]:
+        meta = self.metadata()
+        if source is Source.ECHO or meta is None:
+            return {
+                "model_name": "echo" if source is Source.ECHO else self.settings.model_name,
+                "device": "none",
+                "parameters": 0,
+                "provider": source.value,
+                "quantization": "none",
+                "n_ctx": self.settings.n_ctx,
+                "fallback_reason": fallback_reason,
+            }
+        return {
+            "model_name": meta.name,
+            "device": meta.device,
+            "parameters": meta.parameters,
+            "provider": source.value,
+            "quantization": meta.quantization,
+            "n_ctx": meta.n_ctx,
+            "fallback_reason": fallback_reason,
+        }
+
+    # --- preparing requests -----------------------------------------------------------------------------------
+
+    def prepare_chat(self, messages: Sequence[ChatMessage], options: RequestOptions) -> Prepared:
+        self._check_common(options)
+        if not messages:
+            raise InvalidRequestError("messages must hold at least one message", field="messages")
+        if len(messages) > self.settings.max_messages:
+            raise InvalidRequestError(
+                f"{len(messages)} messages exceed the limit of {self.settings.max_messages} (SMOLLM_MAX_MESSAGES)",
+                field="messages",
+            )
+        unavailable = self._unavailable()
+        if unavailable is not None:
+            return self._echo(_last_user_text(messages), unavailable)
+        assert self._engine is not None
+        try:
+            tokens = self._engine.tokenize_chat(messages)
+        except ServiceError:
+            raise
+        except Exception as exc:
+            raise InvalidRequestError(
+                f"the chat template could not render these messages: {exc}", field="messages"
+            ) from None
+        return self._local(tokens, options, _last_user_text(messages))
+
+    def prepare_generate(self, prompt: str, options: RequestOptions) -> Prepared:
+        self._check_common(options)
+        if not prompt:
+            raise InvalidRequestError("prompt must not be empty", field="prompt")
+        unavailable = self._unavailable()
+        if unavailable is not None:
+            return self._echo(prompt, unavailable)
+        assert self._engine is not None
+        return self._local(self._engine.tokenize(prompt), options, prompt)
+
+    def _check_common(self, options: RequestOptions) -> None:
+        if options.max_tokens is not None and options.max_tokens > self.settings.max_tokens:
+            raise InvalidRequestError(
+                f"max_tokens={options.max_tokens} exceeds the server cap of {self.settings.max_tokens} "
+                "(SMOLLM_MAX_TOKENS)",
+                field="max_tokens",
+            )
+        if len(options.stop) > self.settings.max_stop_sequences:
+            raise InvalidRequestError(
+                f"{len(options.stop)} stop strings exceed the limit of {self.settings.max_stop_sequences}",
+                field="stop",
+            )
+
+    def _unavailable(self) -> str | None:
+        """None when the local model can serve; else the echo fallback's reason. Raises when nothing can serve."""
+        if self._state is State.DISABLED:
+            raise NotReadyError("disabled", self._detail or "ENABLE_SMOLLM is false")
+        if self.settings.provider is Provider.ECHO:
+            return ""
+        if self._state is State.OK and self._engine is not None:
+            return None
+        reason = self._detail or f"the model is {self._state.value}"
+        if self._state is State.ERROR and self.settings.fallback is Fallback.ECHO:
+            return reason
+        retry = 5 if self._state is State.LOADING else None
+        raise NotReadyError(self._state.value, reason, retry_after_s=retry)
+
+    def _echo(self, text: str, fallback_reason: str) -> Prepared:
+        source = Source.ECHO if self.settings.provider is Provider.ECHO else Source.ECHO_FALLBACK
+        return Prepared(
+            source=source,
+            prompt_tokens=len(text.split()),
+            echo_text=text,
+            fallback_reason=fallback_reason or None,
+        )
+
+    def _local(self, tokens: list[int], options: RequestOptions, echo_text: str) -> Prepared:
+        n_ctx = self.settings.n_ctx if self._engine is None else self._engine.metadata.n_ctx
+        prompt_tokens = len(tokens)
+        if options.max_tokens is None:
+            max_tokens = min(self.settings.max_tokens, n_ctx - prompt_tokens)
+            if max_tokens < 1:
+                raise ContextLengthExceededError(prompt_tokens=prompt_tokens, max_tokens=1, n_ctx=n_ctx)
+        else:
+            max_tokens = options.max_tokens
+            if prompt_tokens + max_tokens > n_ctx:
+                raise ContextLengthExceededError(prompt_tokens=prompt_tokens, max_tokens=max_tokens, n_ctx=n_ctx)
+        now = time.monotonic()
+        job = GenerationJob(
+            prompt_tokens=tuple(tokens),
+            max_tokens=max_tokens,
+            sampling=SamplingParams(
+                temperature=options.temperature, top_p=options.top_p, top_k=options.top_k, seed=options.seed
+            ),
+            stop=options.stop,
+            deadline=now + self.settings.request_timeout_s,
+        )
+        return Prepared(source=Source.LOCAL, prompt_tokens=prompt_tokens, job=job, echo_text=echo_text, arrived_at=now)
+
+    # --- admission ------------------------------------------------------------------------------------------
+
+    def admit(self) -> Ticket:
+        """Take a place in line, or raise QueueFullError at once with a Retry-After estimate."""
+        return self._admission.admit()
+
+    # --- running --------------------------------------------------------------------------------------------
+
+    def open_stream(self, prepared: Prepared, *, live_text: bool = True) -> AsyncIterator[str | Outcome]:
+        """Admit the request (or raise QueueFullError at once) and return its stream of text chunks and outcome.
+
+        With ``live_text=False`` (a caller that only wants the whole answer) the text comes as one chunk just before
+        the outcome, which spares the event loop a wake-up per token (see :mod:`innova_smollm.core.sinks`).
+        A streamed answer yields, each time the consumer asks, all the text that arrived since it last asked, as one
+        chunk: one write per decode step at most, and fewer, larger writes when the consumer is slower than the model.
+
+        The place in line is released when the stream ends, is closed, or is dropped without ever being iterated
+        (a client that vanished before the first byte), so admission can never leak.
+        """
+        ticket = self.admit()
+        stream = self._stream(prepared, ticket, live_text)
+        weakref.finalize(stream, ticket.release)
+        return stream
+
+    async def _stream(self, prepared: Prepared, ticket: Ticket, live_text: bool) -> AsyncIterator[str | Outcome]:
+        sink: AsyncSink | None = None
+        answered = False
+        try:
+            if prepared.job is None:
+                yield prepared.echo_text
+                answered = True
+                yield self._echo_outcome(prepared)
+                return
+            sink = AsyncSink(asyncio.get_running_loop(), live_text=live_text)
+            assert self._engine is not None
+            self._engine.submit(prepared.job, sink)
+            collector = _Collector(prepared)
+            pending: Event | None = None
+            while True:
+                event = pending or await self._next_async(sink, collector, prepared.job)
+                pending = None
+                result = self._apply(event, collector, prepared)
+                if isinstance(result, str):
+                    parts = [result]
+                    # What else already arrived goes out with it, up to the next event that is not text.
+                    while (more := sink.get_nowait()) is not None:
+                        if not isinstance(more, Text):
+                            pending = more
+                            break
+                        collector.on_text(more.text, more.produced_at)
+                        parts.append(more.text)
+                    yield "".join(parts)
+                elif isinstance(result, Outcome):
+                    if result.source is Source.ECHO_FALLBACK:
+                        yield result.text
+                    answered = True
+                    yield result
+                    return
+        except (GeneratorExit, asyncio.CancelledError):
+            # Closed or cancelled before the outcome was handed over: the client went away mid-request.
+            if not answered:
+                self._observer.on_cancelled()
+            raise
+        finally:
+            if sink is not None:
+                sink.cancel()
+            ticket.release()
+
+    async def _next_async(self, sink: AsyncSink, collector: _Collector, job: GenerationJob) -> Event:
+        if collector.started:
+            return await sink.get()
+        # While queued, wait no longer than the request's deadline; the engine enforces it once generating.
+        try:
+            return await sink.get(timeout=max(0.0, job.deadline - time.monotonic()) + 0.5)
+        except TimeoutError:
+            raise RequestTimeoutError(self.settings.request_timeout_s) from None
+
+    def run_blocking(self, prepared: Prepared) -> Outcome:
+        """Run a prepared request to the end on the calling thread (in-process API, CLI)."""
+        ticket = self.admit()
+        sink = BlockingSink(live_text=False)
+        try:
+            if prepared.job is None:
+                return self._echo_outcome(prepared)
+            collector = _Collector(prepared)
+            assert self._engine is not None
+            self._engine.submit(prepared.job, sink)
+            while True:
+                timeout = None if collector.started else max(0.0, prepared.job.deadline - time.monotonic()) + 0.5
+                try:
+                    event = sink.get(timeout=timeout)
+                except queue.Empty:
+                    raise RequestTimeoutError(self.settings.request_timeout_s) from None
+                result = self._apply(event, collector, prepared)
+                if isinstance(result, Outcome):
+                    return result
+        finally:
+            sink.cancel()
+            ticket.release()
+
+    def _apply(
+        self, event: Started | Text | Finished | Failed, collector: _Collector, prepared: Prepared
+    ) -> str | Outcome | None:
+        """One engine event: the text to pass on, the final outcome, or None. Raises on failure."""
+        if isinstance(event, Started):
+            collector.started = True
+            collector.queue_s = event.queue_wait_s
+            return None
+        if isinstance(event, Text):
+            collector.on_text(event.text, event.produced_at)
+            return event.text
+        if isinstance(event, Finished):
+            outcome = collector.outcome(event.reason, event.completion_tokens)
+            self._admission.observe_duration(outcome.total_s)
+            return self._observed(outcome)
+        assert isinstance(event, Failed)
+        return self._on_failure(event.error, collector, prepared)
+
+    def _on_failure(self, error: Exception, collector: _Collector, prepared: Prepared) -> Outcome:
+        if isinstance(error, ServiceError) and not isinstance(error, GenerationError):
+            raise error
+        message = error.message if isinstance(error, ServiceError) else f"generation failed: {error}"
+        log.error("generation failed: %s", message, extra={"event": "generation_failed"})
+        if self.settings.fallback is Fallback.ECHO and not collector.parts and prepared.job is not None:
+            # Nothing was sent yet, so the caller can still get a whole answer, marked as the fallback's.
+            fallback = Prepared(
+                source=Source.ECHO_FALLBACK,
+                prompt_tokens=prepared.prompt_tokens,
+                echo_text=prepared.echo_text,
+                fallback_reason=message,
+                arrived_at=prepared.arrived_at,
+            )
+            return self._echo_outcome(fallback)
+        raise GenerationError(message)
+
+    def _echo_outcome(self, prepared: Prepared) -> Outcome:
+        """The whole answer of the echo provider or fallback: the text it repeats (its words count as tokens)."""
+        collector = _Collector(prepared)
+        collector.on_text(prepared.echo_text, time.monotonic())
+        return self._observed(collector.outcome(FinishReason.STOP, len(prepared.echo_text.split())))
+
+    def _observed(self, outcome: Outcome) -> Outcome:
+        self._observer.on_outcome(outcome)
+        return outcome
+
+
+def _last_user_text(messages: Sequence[ChatMessage]) -> str:
+    for message in reversed(messages):
+        if message.role == "user":
+            return message.content
+    return messages[-1].content

@@ -1,0 +1,235 @@
+"""A GGUF file opened for what the engine needs besides decoding: tokens, the chat template, a description.
+
+Also the pre-flight check of a model path that needs no llama.cpp (exists, readable, GGUF magic), which gives an
+operator the resolved path and what its directory holds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+from llama_cpp import llama_chat_format
+
+from innova_smollm.core.types import (
+    ChatMessage,
+    ModelMetadata,
+)
+from innova_smollm.engine.threads import batch_threads
+from innova_smollm.errors import ModelLoadError
+from innova_smollm.settings import KVLayout, Settings, display_name
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+
+#: llama.cpp's ``general.file_type`` values (enum llama_ftype) and the names people know them by.
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+    19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
+    26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16",
+    36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE",
+}  # fmt: skip
+
+#: Used when a GGUF carries no chat template: ChatML, which most small instruct models were tuned on.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def check_model_file(path: Path) -> None:
+    """Fail with a message an operator can act on: the resolved path and what its directory holds."""
+    if not path.exists():
+        raise ModelLoadError(f"model file {path} does not exist; {_directory_listing(path.parent)}")
+    if not path.is_file():
+        raise ModelLoadError(f"model path {path} is not a regular file; {_directory_listing(path.parent)}")
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"model file {path} cannot be read: {exc.strerror}") from None
+    size = path.stat().st_size
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'; {size} bytes)")
+
+
+def _directory_listing(directory: Path) -> str:
+    if not directory.is_dir():
+        return f"its directory {directory} does not exist either"
+    try:
+        entries = sorted(entry.name for entry in directory.iterdir())
+    except OSError as exc:
+        return f"its directory {directory} cannot be listed: {exc.strerror}"
+    if not entries:
+        return f"its directory {directory} is empty"
+    shown = ", ".join(entries[:20]) + (f", ... ({len(entries)} entries)" if len(entries) > 20 else "")
+    return f"its directory {directory} holds: {shown}"
+
+
+class TokenPieces:
+    """Each token's bytes and whether it ends generation, looked up once per token id.
+
+    ``Llama.detokenize`` renders into a 32-byte buffer and returns nothing for longer pieces (SmolLM2 has dozens,
+    runs of spaces among them), which silently drops text; this retries with the size llama.cpp asks for.
+    """
+
+    def __init__(self, vocab: Any) -> None:
+        self._vocab = vocab
+        self._cache: dict[int, tuple[bytes, bool]] = {}
+
+    def __call__(self, token: int) -> tuple[bytes, bool]:
+        cached = self._cache.get(token)
+        if cached is None:
+            cached = (self._bytes(token), bool(llama_cpp.llama_vocab_is_eog(self._vocab, token)))
+            self._cache[token] = cached
+        return cached
+
+    def _bytes(self, token: int) -> bytes:
+        # special=False renders control tokens as nothing. A negative result is the size the piece needs.
+        size = 64
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            written = int(llama_cpp.llama_token_to_piece(self._vocab, token, buffer, size, 0, False))
+            if written >= 0:
+                return buffer.raw[:written]
+            size = -written
+
+
+class GGUFModel:
+    """A GGUF file opened for what every engine needs besides decoding: tokens, the chat template, a description.
+
+    ``n_ctx`` sizes the llama context that ``llama_cpp.Llama`` creates with the model: the engine that decodes
+    through it asks for the real window; an engine with a context of its own asks for a tiny one.
+    """
+
+    def __init__(self, path: Path, settings: Settings, *, n_ctx: int) -> None:
+        check_model_file(path)
+        started = time.perf_counter()
+        self.path = path
+        self.llama, self.n_gpu_layers = open_model(path, dataclasses.replace(settings, n_ctx=n_ctx))
+        self.open_s = time.perf_counter() - started
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
+        #: token -> (bytes it renders to, whether it ends generation); the vocabulary is fixed.
+        self.pieces = TokenPieces(self.vocab)
+        self._chat_formatter, self.template_source = self._make_chat_formatter()
+
+    def tokenize(self, text: str) -> list[int]:
+        tokens: list[int] = self.llama.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        return tokens
+
+    def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        conversation: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
+        rendered = self._chat_formatter(messages=conversation)
+        # The template writes the special tokens (BOS included) itself, so none are added here.
+        tokens: list[int] = self.llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
+        return tokens
+
+    def describe(
+        self,
+        settings: Settings,
+        *,
+        n_ctx: int,
+        parallel: int,
+        flash_attn: bool,
+        load_time_s: float,
+        kv_layout: KVLayout,
+    ) -> ModelMetadata:
+        meta: dict[str, Any] = self.llama.metadata
+        file_type = int(meta.get("general.file_type", -1))
+        return ModelMetadata(
+            name=display_name(self.path),
+            path=str(self.path),
+            architecture=str(meta.get("general.architecture", "unknown")),
+            parameters=int(llama_cpp.llama_model_n_params(self.llama.model)),
+            file_size_bytes=self.path.stat().st_size,
+            quantization=FILE_TYPES.get(file_type, f"unknown (file_type {file_type})"),
+            n_ctx=n_ctx,
+            n_ctx_train=int(llama_cpp.llama_model_n_ctx_train(self.llama.model)),
+            n_threads=settings.n_threads,
+            n_gpu_layers=self.n_gpu_layers,
+            device="gpu" if self.n_gpu_layers != 0 else "cpu",
+            has_chat_template=self.template_source == "gguf",
+            chat_template_source=self.template_source,
+            vocab_size=int(self.llama.n_vocab()),
+            llama_cpp_python_version=str(llama_cpp.__version__),
+            load_time_s=round(load_time_s, 3),
+            parallel=parallel,
+            flash_attn=flash_attn,
+            kv_layout=kv_layout.value,
+        )
+
+    def kv_bytes_per_cell(self) -> int:
+        """Bytes one KV cell takes in every layer: one token's keys and values at f16, llama.cpp's default."""
+        model = self.llama.model
+        meta: dict[str, Any] = self.llama.metadata
+        arch = meta.get("general.architecture", "")
+        n_head = max(int(llama_cpp.llama_model_n_head(model)), 1)
+        head_dim = int(llama_cpp.llama_model_n_embd(model)) // n_head
+        key_dim = int(meta.get(f"{arch}.attention.key_length", head_dim))
+        value_dim = int(meta.get(f"{arch}.attention.value_length", head_dim))
+        n_head_kv = int(llama_cpp.llama_model_n_head_kv(model))
+        return int(llama_cpp.llama_model_n_layer(model)) * n_head_kv * (key_dim + value_dim) * 2
+
+    def close(self) -> None:
+        self.llama.close()
+
+    def _make_chat_formatter(self) -> tuple[llama_chat_format.Jinja2ChatFormatter, str]:
+        template = self.llama.metadata.get("tokenizer.chat_template")
+        source = "gguf"
+        if not template:
+            template, source = FALLBACK_CHAT_TEMPLATE, "fallback:chatml"
+        formatter = llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=self._special_token_text(self.llama.token_eos()),
+            bos_token=self._special_token_text(self.llama.token_bos()),
+            add_generation_prompt=True,
+        )
+        return formatter, source
+
+    def _special_token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return bytes(self.llama.detokenize([token], special=True)).decode("utf-8", errors="replace")
+
+
+def open_model(path: Path, settings: Settings) -> tuple[llama_cpp.Llama, int]:
+    """Load the GGUF, offloading layers when asked and possible; on any offload failure fall back to the CPU."""
+    n_gpu_layers = settings.n_gpu_layers
+    if n_gpu_layers != 0 and not llama_cpp.llama_supports_gpu_offload():
+        log.warning(
+            "SMOLLM_N_GPU_LAYERS=%d but this llama.cpp build cannot offload to a GPU; running on the CPU",
+            n_gpu_layers,
+            extra={"event": "gpu_fallback"},
+        )
+        n_gpu_layers = 0
+    try:
+        return _construct(path, settings, n_gpu_layers), n_gpu_layers
+    except (ValueError, RuntimeError, OSError) as exc:
+        if n_gpu_layers == 0:
+            raise ModelLoadError(f"llama.cpp could not load {path}: {exc}") from None
+        log.warning("GPU offload failed (%s); loading on the CPU instead", exc, extra={"event": "gpu_fallback"})
+    try:
+        return _construct(path, settings, 0), 0
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise ModelLoadError(f"llama.cpp could not load {path}: {exc}") from None
+
+
+def _construct(path: Path, settings: Settings, n_gpu_layers: int) -> llama_cpp.Llama:
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=settings.n_ctx,
+        n_threads=settings.n_threads,
+        n_threads_batch=batch_threads(settings),
+        n_gpu_layers=n_gpu_layers,
+        flash_attn=settings.flash_attention_for(n_gpu_layers, several_sequences=False),
+        n_batch=min(512, settings.n_ctx),
+        verbose=False,
+    )

@@ -1,0 +1,577 @@
+"""Continuous batching: up to ``parallel`` requests decode together in one llama.cpp batch per step.
+
+One engine thread owns one llama context. Each step it builds a single multi-sequence ``llama_batch``: the last
+sampled token of every sequence that is generating, plus a chunk of the prompt of sequences still being prefilled.
+After one ``llama_decode`` each sequence samples its next token in C from its own sampler chain, reading its own row
+of logits by batch index, so no logits ever reach Python. A new job joins between steps; a finished or cancelled
+sequence leaves by removing its cells from the shared KV cache (``llama_memory_seq_rm``), which frees room at once.
+
+The KV cache's layout, which sequence a job takes and the prompt cache's policy are in
+:mod:`innova_smollm.engine.kv_cache`; sampling is in :mod:`innova_smollm.engine.sampling`. ``SMOLLM_PARALLEL=1`` is
+this same engine with one sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+
+from innova_smollm.core.types import (
+    ChatMessage,
+    FinishReason,
+    GenerationJob,
+    ModelMetadata,
+    PromptCacheStats,
+    TokenSink,
+)
+from innova_smollm.engine.detokenize import TextAssembler
+from innova_smollm.engine.kv_cache import MIN_SAVED_STATE_GAIN, choose_sequence, resolve_kv_layout
+from innova_smollm.engine.model import GGUFModel
+from innova_smollm.engine.sampling import LogitRows, new_sampler
+from innova_smollm.engine.saved_states import SavedState, SavedStates
+from innova_smollm.engine.threads import ThreadCounts, ThreadGovernor, batch_threads, new_thread_governor
+from innova_smollm.errors import (
+    ContextLengthExceededError,
+    GenerationError,
+    ModelLoadError,
+    NotReadyError,
+    RequestTimeoutError,
+)
+from innova_smollm.settings import KVLayout, Settings
+
+log = logging.getLogger(__name__)
+
+#: Context size of the Llama object used only for tokenizing and the chat template; the batched context below is
+#: the one that decodes, so this one is kept minimal to avoid paying for a second KV cache.
+TOKENIZER_ONLY_N_CTX = 256
+
+#: Largest number of tokens in one llama_decode call.
+MAX_BATCH_TOKENS = 512
+
+#: While other sequences are generating, a new prompt is prefilled at most this many tokens per step, so a long
+#: prompt delays the running streams by one short chunk per step instead of by its whole prefill.
+PREFILL_CHUNK_WHILE_DECODING = 128
+
+
+class _Running:
+    """One admitted job: its KV sequence id, its sampler chain and where it stands."""
+
+    __slots__ = (
+        "assembler",
+        "batch_index",
+        "fed",
+        "job",
+        "last_token",
+        "position",
+        "prefilled",
+        "produced",
+        "reserved_cells",
+        "sampler",
+        "seq_id",
+        "sink",
+    )
+
+    def __init__(self, job: GenerationJob, sink: TokenSink, seq_id: int, sampler: Any | None) -> None:
+        self.job = job
+        self.sink = sink
+        self.seq_id = seq_id
+        self.sampler = sampler
+        self.assembler = TextAssembler(job.stop)
+        self.reserved_cells = len(job.prompt_tokens) + job.max_tokens
+        #: How many prompt tokens are already in the KV cache; generation starts once all are.
+        self.prefilled = 0
+        #: Position of the next token this sequence puts in the KV cache.
+        self.position = 0
+        self.produced = 0
+        #: Generated tokens put into the KV cache so far (all but the last sampled one); kept for the prompt cache.
+        self.fed: list[int] = []
+        self.last_token = -1
+        #: Row of this sequence's logits in the current batch, or -1 when it has no output this step.
+        self.batch_index = -1
+
+    @property
+    def generating(self) -> bool:
+        return self.prefilled == len(self.job.prompt_tokens)
+
+
+class GGUFEngine:
+    """A loaded GGUF model decoding up to ``settings.parallel`` requests together (continuous batching)."""
+
+    def __init__(self, settings: Settings) -> None:
+        path = settings.model_path
+        started = time.perf_counter()
+        self._model = GGUFModel(path, settings, n_ctx=TOKENIZER_ONLY_N_CTX)
+        self._llama = self._model.llama
+        self._vocab = self._model.vocab
+        self._parallel = settings.parallel
+        self._n_batch = min(MAX_BATCH_TOKENS, settings.n_ctx)
+        self._kv_layout = resolve_kv_layout(
+            settings.kv_layout,
+            parallel=self._parallel,
+            window_bytes=settings.n_ctx * self._model.kv_bytes_per_cell(),
+        )
+        self._per_sequence = self._kv_layout is KVLayout.PER_SEQUENCE
+        self._flash_attn = settings.flash_attention_for(self._model.n_gpu_layers, several_sequences=True)
+        self._ctx = self._new_context(settings, path)
+        #: The window of one request: the whole cache when shared, its own stream when per sequence.
+        self._n_ctx = int(llama_cpp.llama_n_ctx_seq(self._ctx))
+        self._total_cells = int(llama_cpp.llama_n_ctx(self._ctx))
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        self._metadata = self._model.describe(
+            settings,
+            n_ctx=self._n_ctx,
+            parallel=self._parallel,
+            flash_attn=self._flash_attn,
+            load_time_s=time.perf_counter() - started,
+            kv_layout=self._kv_layout,
+        )
+        self._timeout_s = settings.request_timeout_s
+        self._threads = new_thread_governor(settings)
+
+        # Batch arrays are reached through cached pointers: each attribute read of a ctypes field builds a new object.
+        self._batch_token = self._batch.token
+        self._batch_pos = self._batch.pos
+        self._batch_n_seq_id = self._batch.n_seq_id
+        self._batch_logits = self._batch.logits
+        self._batch_seq_id = [self._batch.seq_id[i] for i in range(self._n_batch)]
+        for i in range(self._n_batch):
+            self._batch_n_seq_id[i] = 1
+        self.pieces = self._model.pieces
+        self._greedy = LogitRows(self._ctx, self._model.llama.n_vocab())
+
+        self._inbox: queue.SimpleQueue[tuple[GenerationJob, TokenSink] | None] = queue.SimpleQueue()
+        self._waiting: deque[tuple[GenerationJob, TokenSink]] = deque()
+        self._running: dict[int, _Running] = {}  # by seq id, in admission order
+        #: Sequence ids not running, least recently used first, each with the tokens its KV cells still hold.
+        self._idle: dict[int, list[int]] = {seq_id: [] for seq_id in range(self._parallel)}
+        self._prompt_cache = settings.prompt_cache
+        saves_states = settings.prompt_cache and settings.prompt_cache_mb > 0
+        self._saved = SavedStates(settings.prompt_cache_mb * 2**20) if saves_states else None
+        #: Cells neither reserved by a running job nor held by an idle sequence's cached tokens. Per sequence, the
+        #: count spans all streams, so it never holds a job back: a free sequence id always has a whole window.
+        self._free_cells = self._total_cells
+        #: Prompt tokens taken from the cache and prompt tokens decoded, since start (diagnostics, /metrics).
+        self.prompt_tokens_reused = 0
+        self.prompt_tokens_prefilled = 0
+        #: Sequence states copied to host memory and copied back (diagnostics).
+        self.states_saved = 0
+        self.states_restored = 0
+        self._stopping = False
+        self._closed = False
+        self._worker = threading.Thread(target=self._serve, name="llama-batched-engine", daemon=True)
+        self._worker.start()
+
+    @property
+    def metadata(self) -> ModelMetadata:
+        return self._metadata
+
+    @property
+    def threads(self) -> ThreadGovernor:
+        return self._threads
+
+    def prompt_cache(self) -> PromptCacheStats | None:
+        # Read from another thread without a lock: each figure is one int, and a scrape may be a step behind.
+        return PromptCacheStats(
+            tokens_reused=self.prompt_tokens_reused,
+            tokens_decoded=self.prompt_tokens_prefilled,
+            states_saved=self.states_saved,
+            states_restored=self.states_restored,
+            saved_bytes=self._saved.bytes_used if self._saved is not None else 0,
+        )
+
+    # --- tokens ---------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._model.tokenize(text)
+
+    def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        return self._model.tokenize_chat(messages)
+
+    # --- jobs -----------------------------------------------------------------------------------------------
+
+    def submit(self, job: GenerationJob, sink: TokenSink) -> None:
+        if self._closed:
+            sink.failed(NotReadyError("stopping", "the engine is shut down"))
+            return
+        self._inbox.put((job, sink))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._inbox.put(None)
+        self._worker.join(timeout=30)
+        if self._worker.is_alive():
+            # Freeing the context under a thread still inside llama_decode would crash the process; leak instead.
+            log.error("the batched engine thread did not stop within 30 s; leaving its llama context allocated")
+            return
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self._ctx)
+        self._ctx = None
+        self._model.close()
+
+    # --- the engine thread ----------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                self._take_new_jobs(block=not self._running and not self._waiting)
+                if self._stopping:
+                    break
+                self._drop_abandoned_waiting()
+                self._admit()
+                if self._running:
+                    self._step()
+        except Exception as exc:  # the loop itself broke: nothing can run any more, so say so to everyone
+            log.exception("the batched engine loop failed")
+            self._closed = True
+            self._fail_everyone(GenerationError(f"llama.cpp engine failed: {exc}"))
+        self._fail_everyone(NotReadyError("stopping", "the engine shut down before this request ended"))
+
+    def _take_new_jobs(self, *, block: bool) -> None:
+        if not block and self._inbox.empty():
+            return  # the usual case between two steps, and cheaper than raising and catching queue.Empty
+        with contextlib.suppress(queue.Empty):
+            item = self._inbox.get() if block else self._inbox.get_nowait()
+            while True:
+                if item is None:
+                    self._stopping = True
+                    return
+                self._waiting.append(item)
+                item = self._inbox.get_nowait()
+
+    def _drop_abandoned_waiting(self) -> None:
+        """Release waiting jobs whose caller left or whose deadline passed, without waiting for a free slot."""
+        if not self._waiting:
+            return
+        now = time.monotonic()
+        kept: deque[tuple[GenerationJob, TokenSink]] = deque()
+        for job, sink in self._waiting:
+            if sink.cancelled():
+                continue  # a caller that left is owed nothing
+            if now > job.deadline:
+                self._notify_failed(sink, RequestTimeoutError(self._timeout_s))
+                continue
+            kept.append((job, sink))
+        self._waiting = kept
+
+    def _admit(self) -> None:
+        """Start waiting jobs, first come first served, while a sequence id and enough KV cells are free."""
+        while self._waiting and self._idle:
+            job, sink = self._waiting[0]
+            prompt = job.prompt_tokens
+            needed = len(prompt) + job.max_tokens
+            if needed > self._n_ctx or not prompt:
+                self._waiting.popleft()
+                # The service checks this before submitting; this guards the KV cache against any other caller.
+                self._notify_failed(
+                    sink,
+                    ContextLengthExceededError(prompt_tokens=len(prompt), max_tokens=job.max_tokens, n_ctx=self._n_ctx),
+                )
+                continue
+            seq_id, reusable = choose_sequence(self._idle, self._running, prompt, per_sequence=self._per_sequence)
+            if needed > self._free_cells + len(self._idle[seq_id]):
+                self._drop_idle_caches(keep=seq_id, until_free=needed - len(self._idle[seq_id]))
+                if needed > self._free_cells + len(self._idle[seq_id]):
+                    return  # the head waits for cells; later jobs wait behind it so a long job is never starved
+            self._waiting.popleft()
+            cached = self._idle.pop(seq_id)
+            reused = self._reuse_prefix(seq_id, cached, prompt, reusable=reusable)
+            # The sequence's cached cells become part of this job's reservation.
+            self._free_cells += len(cached) - needed
+            running = _Running(job, sink, seq_id, new_sampler(job.sampling))
+            running.prefilled = running.position = reused
+            self.prompt_tokens_reused += reused
+            self.prompt_tokens_prefilled += len(prompt) - reused
+            self._running[seq_id] = running
+            try:
+                sink.started()
+            except Exception as exc:
+                self._abort(running, exc)
+
+    def _trim(self, seq_id: int, *, keep: int) -> int:
+        """Keep the first ``keep`` cached cells of an idle sequence, free the rest; returns how many were kept."""
+        memory = self._memory
+        # A sliding-window cache may already have dropped the oldest positions of this sequence: then the prefix
+        # is no longer whole, and a recurrent cache cannot be cut in the middle. Both start again from nothing.
+        whole = keep > 0 and llama_cpp.llama_memory_seq_pos_min(memory, seq_id) == 0
+        if whole and llama_cpp.llama_memory_seq_rm(memory, seq_id, keep, -1):
+            return keep
+        llama_cpp.llama_memory_seq_rm(memory, seq_id, -1, -1)
+        return 0
+
+    def _reuse_prefix(self, seq_id: int, cached: list[int], prompt: Sequence[int], *, reusable: int) -> int:
+        """Leave in the sequence ``seq_id``, just taken from the idle ones with ``cached`` tokens, the longest prefix
+        of ``prompt`` on offer: its own first ``reusable`` cells or a saved state's; returns the prefix's length."""
+        saved, saved_reuse = self._saved.best_for(prompt) if self._saved is not None else (None, 0)
+        # The restored state occupies all its cells until it is trimmed: they must be free, not promised.
+        if saved is not None and (
+            saved_reuse < reusable + MIN_SAVED_STATE_GAIN or len(saved.tokens) > self._free_cells + len(cached)
+        ):
+            saved = None
+        keep = 0 if saved is not None else reusable
+        self._save_state(seq_id, cached, keep=keep)
+        reused = self._trim(seq_id, keep=keep) if cached else 0
+        if saved is not None:
+            reused = self._restore_state(seq_id, saved, keep=saved_reuse)
+        return reused
+
+    def _save_state(self, seq_id: int, tokens: list[int], *, keep: int) -> None:
+        """Copy an idle sequence's KV state to host memory before all but its first ``keep`` cells are cut."""
+        saved = self._saved
+        if saved is None or len(tokens) - keep < MIN_SAVED_STATE_GAIN or saved.covers(tokens):
+            return
+        # A sliding-window cache may have dropped the first positions: such a state could not stand for a prefix.
+        if llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id) != 0:
+            return
+        size = int(llama_cpp.llama_state_seq_get_size(self._ctx, seq_id))
+        if size <= 0 or size > saved.limit_bytes:
+            return
+        data = (ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data(self._ctx, data, size, seq_id) != size:
+            return
+        if saved.add(SavedState(tuple(tokens), data, size)):
+            self.states_saved += 1
+
+    def _restore_state(self, seq_id: int, state: SavedState, *, keep: int) -> int:
+        """Copy a saved state into the empty sequence ``seq_id`` and keep its first ``keep`` cells; returns how many
+        cells it kept (0 when llama.cpp refused the state: the job then decodes its whole prompt)."""
+        assert self._saved is not None
+        if not llama_cpp.llama_state_seq_set_data(self._ctx, state.data, state.size, seq_id):
+            # llama.cpp found no run of free cells long enough (the shared cache can be fragmented) or rejected
+            # the data; it left the sequence empty. The state is dropped so the next job does not try it again.
+            log.warning("could not restore a saved prompt state of %d tokens; decoding the prompt", len(state.tokens))
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            self._saved.drop(state)
+            return 0
+        self._saved.used(state)
+        self.states_restored += 1
+        return self._trim(seq_id, keep=keep)
+
+    def _drop_idle_caches(self, *, keep: int, until_free: int) -> None:
+        """Free idle sequences' cached cells, least recently used first, until ``until_free`` cells are free."""
+        for seq_id, cached in self._idle.items():
+            if self._free_cells >= until_free:
+                return
+            if seq_id == keep or not cached:
+                continue
+            self._save_state(seq_id, cached, keep=0)
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+            self._free_cells += len(cached)
+            self._idle[seq_id] = []
+
+    def _step(self) -> None:
+        """Check every sequence, decode one batch, and sample one token for every sequence that has logits."""
+        now = time.monotonic()
+        for running in list(self._running.values()):
+            if running.sink.cancelled():
+                self._finish(running, FinishReason.CANCELLED)
+            elif now > running.job.deadline:
+                self._finish(running, FinishReason.TIMEOUT)
+        if not self._running:
+            return
+
+        n_tokens = 0
+        tokens, positions, logits, seq_ids = self._batch_token, self._batch_pos, self._batch_logits, self._batch_seq_id
+        in_batch: list[_Running] = []
+        prefilling: list[_Running] = []
+        running_now: Iterable[_Running] = self._running.values()
+        if self._per_sequence:
+            # In increasing id order: with one KV stream per sequence, llama.cpp puts sequences in one ubatch only
+            # while each id is the previous one plus one, so an unordered batch splits into several (measured: 4-token
+            # steps 9-39 % slower than the shared cache's instead of faster). The shared cache splits by count: there
+            # rows stay in order of admission.
+            running_now = sorted(running_now, key=_by_seq_id)
+        for running in running_now:
+            if not running.generating:
+                prefilling.append(running)
+                continue
+            tokens[n_tokens] = running.last_token
+            running.fed.append(running.last_token)
+            positions[n_tokens] = running.position
+            seq_ids[n_tokens][0] = running.seq_id
+            logits[n_tokens] = 1
+            running.batch_index = n_tokens
+            running.position += 1
+            in_batch.append(running)
+            n_tokens += 1
+        decode_tokens = n_tokens
+        budget = self._n_batch - n_tokens
+        if n_tokens:
+            budget = min(budget, PREFILL_CHUNK_WHILE_DECODING)
+        for running in prefilling:
+            running.batch_index = -1
+            prompt = running.job.prompt_tokens
+            take = min(budget, len(prompt) - running.prefilled)
+            if take <= 0:
+                continue
+            seq_id = running.seq_id
+            start = running.prefilled
+            for offset in range(take):
+                tokens[n_tokens] = prompt[start + offset]
+                positions[n_tokens] = start + offset
+                seq_ids[n_tokens][0] = seq_id
+                logits[n_tokens] = 0
+                n_tokens += 1
+            budget -= take
+            running.prefilled += take
+            running.position = running.prefilled
+            in_batch.append(running)
+            if running.generating:
+                logits[n_tokens - 1] = 1
+                running.batch_index = n_tokens - 1
+
+        self._batch.n_tokens = n_tokens
+        started = time.perf_counter()
+        status = llama_cpp.llama_decode(self._ctx, self._batch)
+        if n_tokens == decode_tokens and status == 0:
+            # Only pure decode steps are compared: a prompt chunk makes a step longer for reasons of its own.
+            change = self._threads.step_done(n_tokens, time.perf_counter() - started)
+            if change is not None:
+                set_threads(self._ctx, change)
+        if status != 0:
+            # Reservations make "no KV slot" (1) impossible; anything else is llama.cpp failing. The sequences in
+            # this batch cannot continue, the others were not touched.
+            error = GenerationError(f"llama_decode failed with status {status}")
+            log.error("llama_decode failed with status %d for %d sequences", status, len(in_batch))
+            for running in in_batch:
+                self._abort(running, error)
+            return
+
+        # Sample every sequence first, then hand the tokens out in one go: the deliveries then reach the event loop
+        # as one burst (one wake-up, see sinks.LoopInbox) instead of one wake-up per sequence between samplings.
+        sampled = [
+            (
+                running,
+                self._greedy.highest(running.batch_index)
+                if running.sampler is None
+                else llama_cpp.llama_sampler_sample(running.sampler, self._ctx, running.batch_index),
+            )
+            for running in in_batch
+            if running.batch_index >= 0
+        ]
+        for running, token in sampled:
+            try:
+                self._deliver(running, token)
+            except Exception as exc:  # a broken sink ends its own job only
+                self._abort(running, exc)
+
+    def _deliver(self, running: _Running, token: int) -> None:
+        piece, ends_generation = self.pieces(token)
+        if ends_generation:
+            self._finish(running, FinishReason.STOP)
+            return
+        running.produced += 1
+        fed = running.assembler.feed(piece)
+        if fed.text:
+            running.sink.text(fed.text)
+        if fed.stopped:
+            self._finish(running, FinishReason.STOP)
+        elif running.produced >= running.job.max_tokens:
+            self._finish(running, FinishReason.LENGTH)
+        else:
+            running.last_token = token
+
+    # --- leaving --------------------------------------------------------------------------------------------
+
+    def _finish(self, running: _Running, reason: FinishReason) -> None:
+        self._release(running)
+        try:
+            tail = running.assembler.flush()
+            if tail:
+                running.sink.text(tail)
+            running.sink.finished(reason, running.produced)
+        except Exception:
+            log.exception("a token sink failed while finishing job %d", running.job.job_id)
+
+    def _abort(self, running: _Running, error: Exception) -> None:
+        # After a failure the cells' content is not known: never offer them as a cached prefix.
+        self._release(running, keep_cache=False)
+        if not isinstance(error, GenerationError | NotReadyError):
+            log.error("job %d failed: %r", running.job.job_id, error)
+            error = GenerationError(f"generation failed: {error}")
+        self._notify_failed(running.sink, error)
+
+    def _release(self, running: _Running, *, keep_cache: bool = True) -> None:
+        if self._running.pop(running.seq_id, None) is None:
+            return
+        if running.sampler is not None:
+            llama_cpp.llama_sampler_free(running.sampler)
+        seq_id = running.seq_id
+        held: list[int] = []
+        if keep_cache and self._prompt_cache:
+            # Exactly the tokens whose cells this sequence wrote: the prompt so far and the answer tokens fed back.
+            held = [*running.job.prompt_tokens[: running.prefilled], *running.fed]
+        else:
+            # Removing a whole sequence never fails; its cells are free for the next step.
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        self._idle[seq_id] = held  # inserted last: the most recently used
+        self._free_cells += running.reserved_cells - len(held)
+
+    def _fail_everyone(self, error: Exception) -> None:
+        for running in list(self._running.values()):
+            self._abort(running, error)
+        self._take_new_jobs(block=False)
+        for _job, sink in self._waiting:
+            self._notify_failed(sink, NotReadyError("stopping", "the engine shut down before this request ran"))
+        self._waiting.clear()
+        # Jobs submitted while closing land after the stop marker: they are owed an answer too.
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = self._inbox.get_nowait()
+                if item is not None:
+                    self._notify_failed(item[1], NotReadyError("stopping", "the engine shut down"))
+
+    @staticmethod
+    def _notify_failed(sink: TokenSink, error: Exception) -> None:
+        try:
+            sink.failed(error)
+        except Exception:
+            log.exception("a token sink failed while being told of an error")
+
+    # --- setup ----------------------------------------------------------------------------------------------
+
+    def _new_context(self, settings: Settings, path: Path) -> Any:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = settings.n_ctx * self._parallel if self._per_sequence else settings.n_ctx
+        params.n_batch = self._n_batch
+        params.n_ubatch = self._n_batch
+        params.n_seq_max = self._parallel
+        # Each sequence asks for at most one row of logits per step; sizing the output buffer for that instead of
+        # for n_batch rows saves n_batch x n_vocab floats (about 100 MB for a 49k vocabulary).
+        params.n_outputs_max = self._parallel
+        params.n_threads = settings.n_threads
+        params.n_threads_batch = batch_threads(settings)
+        params.kv_unified = not self._per_sequence
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self._flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(self._llama.model, params)
+        if not ctx:
+            self._model.close()
+            raise ModelLoadError(
+                f"llama.cpp could not create a context for {path} with n_ctx={settings.n_ctx} and "
+                f"{self._parallel} parallel sequences, KV layout {self._kv_layout.value} (out of memory?)"
+            )
+        return ctx
+
+
+def _by_seq_id(running: _Running) -> int:
+    return running.seq_id
+
+
+def set_threads(ctx: Any, counts: ThreadCounts) -> None:
+    """Takes effect at the context's next llama_decode; only the thread that decodes may call it."""
+    llama_cpp.llama_set_n_threads(ctx, counts.decode, counts.batch)

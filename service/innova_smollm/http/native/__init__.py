@@ -1,0 +1,1 @@
+"""The native API: ``/innova/api/smollm/*`` and ``/innova/api/chatlaya/message``."""

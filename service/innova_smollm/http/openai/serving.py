@@ -1,0 +1,208 @@
+"""The OpenAI API mapped onto the service: requests to options and messages, outcomes to answers and stream chunks.
+
+Decisions a caller may need to know are in :mod:`innova_smollm.http.openai.protocol`'s docstring.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+
+import msgspec
+
+from innova_smollm.core.service import ModelService, Outcome, Prepared, RequestOptions
+from innova_smollm.core.types import ChatMessage, FinishReason
+from innova_smollm.errors import InvalidRequestError
+from innova_smollm.http.errors import ErrorFormat, openai_error
+from innova_smollm.http.openai.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ContentPart,
+    Delta,
+    OpenAIFinishReason,
+    Sampling,
+    Usage,
+)
+from innova_smollm.http.streaming import frame
+
+DONE = b"data: [DONE]\n\n"
+
+
+def options_of(request: Sampling) -> RequestOptions:
+    if request.n not in (None, 1):
+        raise InvalidRequestError(f"n={request.n} is not supported: this server returns one choice", field="n")
+    stop = request.stop if isinstance(request.stop, list) else [request.stop] if request.stop else []
+    defaults = RequestOptions()
+    return RequestOptions(
+        max_tokens=request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens,
+        temperature=defaults.temperature if request.temperature is None else request.temperature,
+        top_p=defaults.top_p if request.top_p is None else request.top_p,
+        stop=tuple(stop),
+        seed=None if request.seed is None else request.seed % 2**32,
+    )
+
+
+def messages_of(request: ChatCompletionRequest) -> list[ChatMessage]:
+    return [
+        ChatMessage(role="system" if m.role == "developer" else m.role, content=_text_of(m.content, index))
+        for index, m in enumerate(request.messages)
+    ]
+
+
+def _text_of(content: str | list[ContentPart] | None, index: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part_index, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            raise InvalidRequestError(
+                f"content part of type {part.type!r} is not supported: this model reads text parts only",
+                field=f"messages[{index}].content[{part_index}]",
+            )
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def prompt_of(request: CompletionRequest) -> str:
+    if isinstance(request.prompt, str):
+        return request.prompt
+    if len(request.prompt) != 1:
+        raise InvalidRequestError(
+            f"prompt holds {len(request.prompt)} strings: this server completes exactly one prompt per request",
+            field="prompt",
+        )
+    return request.prompt[0]
+
+
+_FINISH_REASONS: dict[FinishReason, OpenAIFinishReason] = {
+    FinishReason.STOP: "stop",
+    FinishReason.LENGTH: "length",
+    FinishReason.TIMEOUT: "length",
+    FinishReason.CANCELLED: "stop",
+}
+
+
+def finish_reason_of(reason: FinishReason) -> OpenAIFinishReason:
+    return _FINISH_REASONS[reason]
+
+
+def usage_of(outcome: Outcome) -> Usage:
+    return Usage(
+        prompt_tokens=outcome.prompt_tokens,
+        completion_tokens=outcome.completion_tokens,
+        total_tokens=outcome.prompt_tokens + outcome.completion_tokens,
+    )
+
+
+class Answer:
+    """One answer's id, creation time and model name, shared by all of its stream chunks."""
+
+    prefix = "answer"
+
+    def __init__(self, model: str) -> None:
+        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+
+
+class ChatAnswer(Answer):
+    prefix = "chatcmpl"
+
+    def whole(self, outcome: Outcome) -> ChatCompletion:
+        message = AssistantMessage(content=outcome.text)
+        choice = ChatChoice(message=message, finish_reason=finish_reason_of(outcome.finish_reason))
+        return ChatCompletion(
+            id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage_of(outcome)
+        )
+
+    def opening(self) -> list[ChatCompletionChunk]:
+        # OpenAI opens a stream with the role, then sends content deltas, then an empty delta with finish_reason.
+        return [self._chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])]
+
+    def text(self, text: str) -> ChatCompletionChunk:
+        return self._chunk([ChunkChoice(delta=Delta(content=text))])
+
+    def closing(self, outcome: Outcome) -> ChatCompletionChunk:
+        return self._chunk([ChunkChoice(delta=Delta(), finish_reason=finish_reason_of(outcome.finish_reason))])
+
+    def usage(self, outcome: Outcome) -> ChatCompletionChunk:
+        return self._chunk([], usage_of(outcome))
+
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+
+class CompletionAnswer(Answer):
+    prefix = "cmpl"
+
+    def whole(self, outcome: Outcome) -> Completion:
+        return self._chunk(outcome.text, finish_reason_of(outcome.finish_reason), usage_of(outcome))
+
+    def opening(self) -> list[Completion]:
+        return []
+
+    def text(self, text: str) -> Completion:
+        return self._chunk(text, None)
+
+    def closing(self, outcome: Outcome) -> Completion:
+        return self._chunk("", finish_reason_of(outcome.finish_reason))
+
+    def usage(self, outcome: Outcome) -> Completion:
+        return Completion(id=self.id, created=self.created, model=self.model, choices=[], usage=usage_of(outcome))
+
+    def _chunk(self, text: str, finish_reason: OpenAIFinishReason | None, usage: Usage | None = None) -> Completion:
+        choice = CompletionChoice(text=text, finish_reason=finish_reason)
+        return Completion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
+
+
+class OpenAIWire:
+    """An answer's framing as :class:`innova_smollm.http.streaming.Wire` wants it: ``data:`` chunks, then
+    ``data: [DONE]``; a failure after the 200 travels as a ``data: {"error"}`` chunk before ``[DONE]``."""
+
+    error_format: ErrorFormat = openai_error
+
+    def __init__(self, answer: ChatAnswer | CompletionAnswer, *, include_usage: bool) -> None:
+        self._answer = answer
+        self._include_usage = include_usage
+
+    def whole(self, outcome: Outcome) -> msgspec.Struct:
+        return self._answer.whole(outcome)
+
+    def opening(self) -> Sequence[bytes]:
+        return [frame(None, chunk) for chunk in self._answer.opening()]
+
+    def text(self, text: str) -> bytes:
+        return frame(None, self._answer.text(text))
+
+    def closing(self, outcome: Outcome) -> Sequence[bytes]:
+        frames = [frame(None, self._answer.closing(outcome))]
+        if self._include_usage:
+            frames.append(frame(None, self._answer.usage(outcome)))
+        return [*frames, DONE]
+
+    def failure(self, error_body: object) -> Sequence[bytes]:
+        return [frame(None, error_body), DONE]
+
+
+def served_model(service: ModelService) -> str:
+    meta = service.metadata()
+    return meta.name if meta is not None else service.settings.model_name
+
+
+def model_name(service: ModelService, prepared: Prepared) -> str:
+    return str(service.model_info(prepared.source)["model_name"])
+
+
+def model_created(service: ModelService) -> int:
+    try:
+        return int(service.settings.model_path.stat().st_mtime)
+    except OSError:
+        return 0

@@ -1,0 +1,186 @@
+"""``GET /metrics`` after real traffic: every figure the issue lists has to move, and by the right amount."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from innova_smollm.engine.scheduler import GGUFEngine
+from innova_smollm.settings import Settings
+from tests.servers import API, LONG_PROMPT, LiveServer, make_settings, serve_in_thread, wait_until
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(server: LiveServer) -> Samples:
+    reply = server.get("/metrics")
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(reply.text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def test_answers_move_request_token_and_latency_figures(live: LiveServer) -> None:
+    before = scrape(live)
+    native = live.post(f"{API}/chat", json={"messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 6})
+    compat = live.post(
+        "/v1/chat/completions", json={"model": "x", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6}
+    )
+    assert native.status_code == compat.status_code == 200
+    after = scrape(live)
+
+    route = {"method": "POST", "status": "200"}
+    assert moved(before, after, "smollm_http_requests_total", route=f"{API}/chat", **route) == 1
+    assert moved(before, after, "smollm_http_requests_total", route="/v1/chat/completions", **route) == 1
+    usages = [native.json()["usage"], compat.json()["usage"]]
+    assert moved(before, after, "smollm_prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
+    assert moved(before, after, "smollm_completion_tokens_total") == sum(u["completion_tokens"] for u in usages)
+    for histogram in (
+        "smollm_queue_wait_seconds",
+        "smollm_time_to_first_token_seconds",
+        "smollm_time_per_output_token_seconds",
+        "smollm_request_duration_seconds",
+    ):
+        assert moved(before, after, f"{histogram}_count") == 2, histogram
+        assert moved(before, after, f"{histogram}_sum") > 0, histogram
+    answered = sum(
+        moved(before, after, "smollm_answers_total", finish_reason=reason, source="local")
+        for reason in ("stop", "length")
+    )
+    assert answered == 2
+
+
+def test_model_state_and_process_memory(live: LiveServer) -> None:
+    samples = scrape(live)
+    assert value(samples, "smollm_model_loaded") == 1
+    assert value(samples, "smollm_model_load_seconds") >= 0
+    assert value(samples, "smollm_requests_in_flight") == 0
+    # The model file is ~98 MB and mapped into the process: resident memory is well above that.
+    assert value(samples, "smollm_process_memory_bytes", kind="rss") > 100_000_000
+    assert value(samples, "smollm_process_memory_bytes", kind="rss_anon") > 10_000_000
+    assert value(samples, "process_resident_memory_bytes") > 100_000_000
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "reason"),
+    [
+        (f"{API}/chat", {"messages": [{"role": "user", "content": "word " * 1500}], "max_tokens": 8}, "context_length"),
+        ("/v1/completions", {"prompt": "word " * 1500, "max_tokens": 8}, "context_length"),
+        (f"{API}/chat", {"messages": [{"role": "user", "content": "hi"}], "temperature": 9}, "bad_input"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 3}, "bad_input"),
+        (f"{API}/generate", {"prompt": ""}, "bad_input"),
+    ],
+)
+def test_refusals_are_counted_by_reason(live: LiveServer, path: str, body: dict[str, object], reason: str) -> None:
+    before = scrape(live)
+    assert live.post(path, json=body).status_code == 400
+    after = scrape(live)
+    assert moved(before, after, "smollm_rejections_total", reason=reason) == 1
+    assert moved(before, after, "smollm_http_requests_total", route=path, method="POST", status="400") == 1
+
+
+def test_unmatched_paths_share_one_route_label(live: LiveServer) -> None:
+    before = scrape(live)
+    for suffix in ("a", "b", "c"):
+        assert live.get(f"/scanner/{suffix}").status_code == 404
+    after = scrape(live)
+    assert moved(before, after, "smollm_http_requests_total", route="unmatched", method="GET", status="404") == 3
+
+
+@pytest.fixture
+def single_slot(model_path: Path) -> Iterator[LiveServer]:
+    """One request at a time, no waiting line, and room for a long answer: a second request is refused meanwhile."""
+    settings = make_settings(model_path, n_ctx=4096, max_tokens=4000, max_queue=0, parallel=1)
+    engine = GGUFEngine(settings)
+    try:
+        with serve_in_thread(settings, engine=engine) as server:
+            yield server
+    finally:
+        engine.close()
+
+
+def test_queue_full_and_cancellation_are_counted(single_slot: LiveServer) -> None:
+    before = scrape(single_slot)
+    payload = {"prompt": LONG_PROMPT, "max_tokens": 4000, "temperature": 0, "stream": True}
+    with requests.post(single_slot.url + f"{API}/generate", json=payload, stream=True, timeout=60) as running:
+        assert running.status_code == 200
+        lines = running.iter_lines()
+        assert any(line.startswith(b"event: token") for line in lines)
+        busy = single_slot.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert busy.status_code == 503
+        assert busy.json()["error"]["code"] == "queue_full"
+        assert int(busy.headers["Retry-After"]) >= 1
+    # The client went away mid-answer: the generation stops, its place is freed, and it counts as a cancellation.
+    assert wait_until(lambda: value(scrape(single_slot), "smollm_cancellations_total") == 1)
+    assert wait_until(lambda: value(scrape(single_slot), "smollm_requests_in_flight") == 0)
+    after = scrape(single_slot)
+    assert moved(before, after, "smollm_rejections_total", reason="queue_full") == 1
+    assert moved(before, after, "smollm_completion_tokens_total") == 0  # a cancelled answer has no outcome
+
+
+def test_not_ready_and_model_load_figures(model_path: Path) -> None:
+    gate = threading.Event()
+
+    def slow_loader(settings: Settings) -> GGUFEngine:
+        gate.wait(60)
+        return GGUFEngine(settings)
+
+    with serve_in_thread(make_settings(model_path), loader=slow_loader) as server:
+        loading = scrape(server)
+        assert value(loading, "smollm_model_loaded") == 0
+        reply = server.post(f"{API}/chat", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert reply.status_code == 503
+        assert moved(loading, scrape(server), "smollm_rejections_total", reason="not_ready") == 1
+        gate.set()
+        assert wait_until(lambda: value(scrape(server), "smollm_model_loaded") == 1, timeout=60)
+        assert value(scrape(server), "smollm_model_load_seconds") > 0
+
+
+def test_prompt_cache_figures_count_reused_tokens_and_saved_states(model_path: Path) -> None:
+    settings = make_settings(model_path, parallel=2, max_tokens=64)
+    engine = GGUFEngine(settings)
+    try:
+        with serve_in_thread(settings, engine=engine) as server:
+
+            def ask(content: str) -> dict[str, int]:
+                body = {"messages": [{"role": "user", "content": content}], "max_tokens": 16, "temperature": 0}
+                reply = server.post(f"{API}/chat", json=body)
+                assert reply.status_code == 200
+                usage: dict[str, int] = reply.json()["usage"]
+                return usage
+
+            before = scrape(server)
+            first = ask("Name three rivers.")
+            ask("Name three rivers.")  # the idle sequence still holds it: all but the last token reused
+            # Two requests side by side take both sequence ids, so the first prompt's cells are cut and saved.
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(ask, ["Name two oceans.", "Name four mountains."]))
+            again = ask("Name three rivers.")  # restored from host memory
+            after = scrape(server)
+    finally:
+        engine.close()
+    reused = moved(before, after, "smollm_prompt_cache_tokens_total", kind="reused")
+    decoded = moved(before, after, "smollm_prompt_cache_tokens_total", kind="decoded")
+    assert reused >= 2 * (first["prompt_tokens"] - 1)
+    assert reused + decoded == moved(before, after, "smollm_prompt_tokens_total")
+    assert again["prompt_tokens"] == first["prompt_tokens"]
+    assert moved(before, after, "smollm_prompt_states_total", event="saved") >= 1
+    assert moved(before, after, "smollm_prompt_states_total", event="restored") >= 1
+    assert value(after, "smollm_prompt_states_bytes") > 0

@@ -1,0 +1,321 @@
+"""The OpenAI-compatible API, driven by the real ``openai`` SDK against the real model through real uvicorn."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from innova_smollm.engine.scheduler import GGUFEngine
+from tests.servers import (
+    API,
+    LONG_PROMPT,
+    LiveServer,
+    forget_cached_prompt,
+    make_settings,
+    parse_sse,
+    serve_in_thread,
+    wait_until,
+)
+
+MODEL = "SmolLM2-135M-Instruct.Q4_1"
+
+
+@pytest.fixture
+def client(live: LiveServer) -> Iterator[openai.OpenAI]:
+    # No retries: a 503 must show up as an error here, not be retried away by the SDK.
+    with openai.OpenAI(base_url=live.url + "/v1", api_key="not-needed", max_retries=0, timeout=120) as sdk:
+        yield sdk
+
+
+def test_chat_completion_with_the_sdk(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model="whatever-the-tool-sends",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}],
+        max_tokens=16,
+        temperature=0,
+    )
+    assert completion.object == "chat.completion"
+    assert completion.id.startswith("chatcmpl-")
+    assert completion.created > 1_700_000_000
+    assert completion.model == MODEL
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content and choice.message.content.strip()
+    assert choice.finish_reason in {"stop", "length"}
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens > 5
+    assert 1 <= completion.usage.completion_tokens <= 16
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+
+
+def test_openai_and_native_chat_give_the_same_greedy_answer(client: openai.OpenAI, live: LiveServer) -> None:
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    native = live.post(f"{API}/chat", json={"messages": messages, "max_tokens": 20, "temperature": 0}).json()
+    completion = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    assert completion.choices[0].message.content == native["response"]
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens == native["usage"]["prompt_tokens"]
+
+
+def test_streaming_chat_with_usage(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Count to five."}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    assert len({chunk.id for chunk in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == plain.choices[0].message.content
+    finishes = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
+    assert finishes == [plain.choices[0].finish_reason]
+    # include_usage: one last chunk with no choices and the usage, exactly as OpenAI sends it.
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+
+
+def test_stream_is_sse_data_lines_ending_with_done(live: LiveServer) -> None:
+    reply = live.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "stream": True},
+    )
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(reply.text)
+    assert all(name == "message" for name, _ in events)  # no `event:` lines: plain OpenAI framing
+    assert events[-1][1] == "[DONE]"
+    assert "usage" not in json.loads(events[-2][1]) or json.loads(events[-2][1])["usage"] is None
+
+
+def test_text_completion_with_the_sdk(client: openai.OpenAI) -> None:
+    completion = client.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=12, temperature=0)
+    assert completion.object == "text_completion"
+    assert completion.id.startswith("cmpl-")
+    assert completion.choices[0].text.strip().startswith("5")
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage is not None and completion.usage.completion_tokens == 12
+    streamed = client.completions.create(
+        model=MODEL,
+        prompt=[LONG_PROMPT],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(streamed)
+    assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == completion.choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+
+
+def test_models_list(client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert [model.id for model in models] == [MODEL]
+    assert models[0].object == "model"
+    assert models[0].owned_by == "innova-smollm"
+
+
+def test_over_long_prompt_is_bad_request_with_context_length_exceeded(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "word " * 1500}], max_tokens=10
+        )
+    error = caught.value
+    assert error.status_code == 400
+    assert error.code == "context_length_exceeded"
+    assert error.type == "invalid_request_error"
+    assert "maximum context length is 1024 tokens" in error.message
+
+
+def test_unknown_fields_and_content_parts_are_accepted(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "developer", "content": "Answer in one word."},
+            {"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]},
+        ],
+        max_completion_tokens=6,
+        temperature=0.5,
+        top_p=0.9,
+        seed=7,
+        stop=["\n\n"],
+        n=1,
+        user="someone",
+        frequency_penalty=0.0,
+        presence_penalty=0.0,
+        logit_bias={},
+        extra_body={"an_unknown_field": {"nested": True}, "top_k": 5},
+    )
+    assert completion.choices[0].message.content
+    assert completion.usage is not None and completion.usage.completion_tokens <= 6
+
+
+@pytest.mark.parametrize(
+    ("overrides", "param"),
+    [
+        ({"temperature": 9}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 100_000}, "max_tokens"),
+        ({"n": 2}, "n"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]},
+            "messages[0].content[0]",
+        ),
+    ],
+)
+def test_invalid_requests_are_openai_shaped_400s(live: LiveServer, overrides: dict[str, object], param: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **overrides}
+    reply = live.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert param in (error["param"] or "") + error["message"]
+    assert "Traceback" not in reply.text
+
+
+def test_malformed_json_on_v1_is_an_openai_shaped_400(live: LiveServer) -> None:
+    reply = live.post("/v1/chat/completions", data=b"{nope", headers={"content-type": "application/json"})
+    assert reply.status_code == 400
+    assert reply.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_native_routes_keep_their_error_shape(live: LiveServer) -> None:
+    reply = live.post(f"{API}/chat", json={"messages": [{"role": "user", "content": "hi"}], "temperature": 9})
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request"
+    assert "code" not in error
+
+
+def test_openai_routes_are_in_the_schema(live: LiveServer) -> None:
+    paths = live.get("/schema/openapi.json").json()["paths"]
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/metrics"):
+        assert path in paths
+
+
+def in_flight(server: LiveServer) -> int:
+    return int(server.get(f"{API}/info").json()["in_flight"])
+
+
+#: Enough room that a counting answer is still running when a test acts, however fast the machine is that day.
+RUNWAY_TOKENS = 6000
+
+
+@pytest.fixture(scope="module")
+def runway_engine(model_path: Path) -> Iterator[GGUFEngine]:
+    """A model with a context long enough for minutes of generation."""
+    engine = GGUFEngine(make_settings(model_path, n_ctx=RUNWAY_TOKENS + 256))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def runway(runway_engine: GGUFEngine, model_path: Path) -> Iterator[LiveServer]:
+    settings = make_settings(model_path, n_ctx=RUNWAY_TOKENS + 256, max_tokens=RUNWAY_TOKENS)
+    with serve_in_thread(settings, engine=runway_engine) as server:
+        yield server
+
+
+def test_a_stream_whose_client_leaves_stops_and_frees_its_place(runway: LiveServer) -> None:
+    payload = {"prompt": LONG_PROMPT, "max_tokens": RUNWAY_TOKENS, "temperature": 0, "stream": True}
+    with requests.post(runway.url + "/v1/completions", json=payload, stream=True, timeout=60) as reply:
+        assert reply.status_code == 200
+        # Keep the line iterator referenced: dropping it closes the connection, i.e. leaves early.
+        lines = reply.iter_lines()
+        assert next(lines).startswith(b"data: ")
+        assert in_flight(runway) == 1
+    assert wait_until(lambda: in_flight(runway) == 0, timeout=10)
+    assert wait_until(lambda: "smollm_cancellations_total 1.0" in runway.get("/metrics").text, timeout=10)
+
+
+def test_a_plain_request_whose_client_leaves_stops_and_frees_its_place(runway: LiveServer) -> None:
+    payload = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": RUNWAY_TOKENS, "temperature": 0}
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(runway.url + "/v1/completions", json=payload, timeout=(5, 0.5))
+    assert wait_until(lambda: in_flight(runway) == 0, timeout=10)
+    assert wait_until(lambda: "smollm_cancellations_total 2.0" in runway.get("/metrics").text, timeout=10)
+
+
+def test_a_generation_cut_by_the_server_deadline_finishes_with_length(
+    runway_engine: GGUFEngine, model_path: Path
+) -> None:
+    settings = make_settings(model_path, n_ctx=RUNWAY_TOKENS + 256, max_tokens=RUNWAY_TOKENS, request_timeout_s=2.0)
+    with (
+        serve_in_thread(settings, engine=runway_engine) as server,
+        openai.OpenAI(base_url=server.url + "/v1", api_key="-", max_retries=0) as sdk,
+    ):
+        completion = sdk.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=RUNWAY_TOKENS, temperature=0)
+        metrics = server.get("/metrics").text
+    # The native finish_reason is `timeout` (SMOLLM_REQUEST_TIMEOUT_S ran out); OpenAI clients get `length`.
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage is not None and completion.usage.completion_tokens < RUNWAY_TOKENS
+    assert 'smollm_answers_total{finish_reason="timeout",source="local"} 1.0' in metrics
+
+
+def streamed_completion_text(events: list[tuple[str, str]]) -> str:
+    assert events[-1][1] == "[DONE]"
+    return "".join(json.loads(data)["choices"][0]["text"] for _, data in events[:-1] if json.loads(data)["choices"])
+
+
+def test_a_stream_matches_the_plain_answer(live: LiveServer) -> None:
+    payload = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 24, "temperature": 0}
+    forget_cached_prompt(live)
+    plain = live.post("/v1/completions", json=payload).json()["choices"][0]["text"]
+    forget_cached_prompt(live)
+    reply = live.post("/v1/completions", json={**payload, "stream": True})
+    assert streamed_completion_text(parse_sse(reply.text)) == plain
+
+
+@pytest.fixture(scope="module")
+def small_send_buffer(engine: GGUFEngine, model_path: Path) -> Iterator[LiveServer]:
+    with serve_in_thread(make_settings(model_path, max_tokens=512), engine=engine, send_buffer=4096) as server:
+        yield server
+
+
+def test_a_client_reading_slower_than_the_model_gets_the_whole_stream_in_fewer_larger_chunks(
+    small_send_buffer: LiveServer, engine: GGUFEngine
+) -> None:
+    live = small_send_buffer
+    payload = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 400, "temperature": 0}
+    forget_cached_prompt(live)
+    plain = live.post("/v1/completions", json=payload).json()["choices"][0]["text"]
+    forget_cached_prompt(live)
+    # A small receive window, and nothing read until the model has finished: the server's socket fills up, the
+    # stream waits in ASGI send, and the text made meanwhile must go out when it resumes, joined, in order.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.connect(live.address)
+    connection = http.client.HTTPConnection(*live.address, timeout=120)
+    connection.sock = sock
+    request = {**payload, "stream": True, "stream_options": {"include_usage": True}}
+    try:
+        connection.request("POST", "/v1/completions", json.dumps(request), {"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        assert reply.status == 200
+        assert wait_until(lambda: not engine._running, timeout=120), "the model did not finish"
+        body = reply.read().decode()
+    finally:
+        connection.close()
+    events = parse_sse(body)
+    assert streamed_completion_text(events) == plain
+    chunks = [json.loads(data) for _, data in events[:-1]]
+    usage = chunks[-1]["usage"]
+    text_chunks = [chunk for chunk in chunks if chunk["choices"] and chunk["choices"][0]["text"]]
+    assert len(text_chunks) < usage["completion_tokens"] // 2, (len(text_chunks), usage)
