@@ -41,13 +41,11 @@ class Fallback(StrEnum):
 
 
 class FlashAttention(StrEnum):
-    #: On with GPU offload, and on the CPU where several sequences share one KV cache (the batched engine); off for
-    #: the one-at-a-time engine on the CPU. Why: llama.cpp's plain attention multiplies every query by every cell
-    #: of the cache, other sequences' cells and idle cached prompts included, and masks them afterwards, while the
-    #: CPU flash-attention kernel skips masked cells. Alone, the plain kernel is faster at long contexts
-    #: (scripts/bench_attention.py on an AMD EPYC: one sequence at 800 tokens 69 vs 59 tok/s, and half the speed
-    #: on an earlier Intel box); four sequences sharing the cache decode faster with flash attention (134 vs 111
-    #: tok/s at 40 tokens, 98 vs 82 at 300), and the service side by side went 1.08x (one client) and 1.12x (four).
+    #: On with GPU offload, and on the CPU where several sequences share the KV cache (SMOLLM_PARALLEL above 1);
+    #: off on the CPU for one sequence. Why: llama.cpp's plain attention multiplies every query by every cell of the
+    #: cache, other sequences' cells and idle cached prompts included, and masks them afterwards, while the CPU
+    #: flash-attention kernel skips masked cells; alone, the plain kernel is faster at long contexts
+    #: (scripts/bench_attention.py; figures in docs/performance.md).
     AUTO = "auto"
     ON = "on"
     OFF = "off"

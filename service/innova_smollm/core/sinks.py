@@ -8,8 +8,7 @@ stream of :data:`Event` values that ends with a :class:`Finished` or a :class:`F
 A sink made with ``live_text=False`` is for a caller that wants the whole answer at once (a request that is not
 streamed, the in-process API). It holds the text on the engine thread and hands it over in one :class:`Text` just
 before the end, so the waiting side wakes up three times per answer instead of once per token. Why: each wake-up of
-the event loop cost it 0.13-0.15 ms of CPU per token (README, Performance), and on a box with as many decode threads
-as cores that CPU is taken from the decode.
+the event loop costs CPU, and on a box with as many decode threads as cores that CPU is taken from the decode.
 
 A streaming sink posts each chunk as it comes; the :class:`LoopInbox` wakes the loop once per burst (one decode step
 of every sequence), and the stream hands the client everything that arrived since its last write in one chunk

@@ -14,7 +14,7 @@ long job waits (first come, first served) until enough cells are free, so it can
 ``SMOLLM_KV_LAYOUT=per_sequence`` trades memory for speed: one stream of ``n_ctx`` cells per sequence
 (``kv_unified`` off, ``n_ctx * parallel`` cells in all, what llama-server's slots do with an ``n_ctx`` divided
 among them). A sequence's attention then spans only its own cells instead of every cell in use, which decodes
-several sequences faster (README, Performance), and a job never waits for cells, only for a free sequence id.
+several sequences faster (docs/performance.md), and a job never waits for cells, only for a free sequence id.
 llama.cpp decodes several streams in one ubatch only when their sequence ids are consecutive and in increasing
 order, so in this layout each batch lists its sequences by id and a new job prefers an id next to the running ones
 (``choose_sequence``); otherwise every step would pass over the weights once per group of ids.
@@ -42,8 +42,8 @@ from innova_smollm.settings import KVLayout
 #: and a sequence's state is saved only when at least this many of its cached tokens are about to be cut. Copying
 #: a state costs microseconds per token; decoding a token costs milliseconds, so the bar is low.
 MIN_SAVED_STATE_GAIN = 4
-#: Most extra KV memory ``SMOLLM_KV_LAYOUT=auto`` spends on one stream per sequence. Measured on the 2-core host with
-#: SmolLM2 at 4 clients, per_sequence decoded 1.10x the shared cache through HTTP (README, Performance); for the
+#: Most extra KV memory ``SMOLLM_KV_LAYOUT=auto`` spends on one stream per sequence, which decodes several
+#: sequences faster than the shared cache (docs/performance.md); for the
 #: 135M model at 2048 tokens it costs 135 MiB more, for a 3B model at 4096 tokens 1.3 GiB, past this budget.
 PER_SEQUENCE_EXTRA_KV_BYTES = 512 * 2**20
 

@@ -43,9 +43,9 @@ _logits_address = _bind_logits_address()
 class LogitRows:
     """Greedy decoding without penalties: the token with the highest logit in a row of the batch, read in place.
 
-    Why not llama.cpp's greedy sampler: it first copies the whole vocabulary into a candidate array, which took a
-    median 117 us a token right after a decode (SmolLM2's 49,152 tokens); numpy's argmax over the row where
-    llama.cpp wrote it takes about 7 us. Both take the first of equal highest logits, so they pick the same token.
+    Why not llama.cpp's greedy sampler: it first copies the whole vocabulary into a candidate array, on every token,
+    right after a decode has evicted it from the caches; numpy's argmax over the row where llama.cpp wrote it reads
+    it once. Both take the first of equal highest logits, so they pick the same token.
     A row's array is kept by address: llama.cpp writes each step's logits into the same buffer, so after the
     first steps no object is made per token.
     """

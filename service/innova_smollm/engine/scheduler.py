@@ -121,7 +121,7 @@ class GGUFEngine:
             window_bytes=settings.n_ctx * self._model.kv_bytes_per_cell(),
         )
         self._per_sequence = self._kv_layout is KVLayout.PER_SEQUENCE
-        self._flash_attn = settings.flash_attention_for(self._model.n_gpu_layers, several_sequences=True)
+        self._flash_attn = settings.flash_attention_for(self._model.n_gpu_layers, several_sequences=self._parallel > 1)
         self._ctx = self._new_context(settings, path)
         #: The window of one request: the whole cache when shared, its own stream when per sequence.
         self._n_ctx = int(llama_cpp.llama_n_ctx_seq(self._ctx))

@@ -3,17 +3,15 @@
 Why this exists: llama.cpp's threads meet at a spinning barrier hundreds of times per token. When something else
 takes a core (another systemd service in its own cgroup, a neighbour on a shared-vCPU host), one thread spins at
 the barrier while its partner waits to be scheduled, and decoding slows by orders of magnitude instead of by the
-share of CPU lost. Measured on the 2-core reference box with two busy processes in another session: 64 tokens took
-more than 60 s with 2 threads, against 0.65 s on the idle box, and llama-server and llama-cpp-python collapse the
-same way. With 1 thread under the same load, the 64 tokens took 1.2 s.
+share of CPU lost (llama-server and llama-cpp-python collapse the same way; docs/performance.md has the figures).
+Fewer threads than cores decode at nearly full speed under the same load.
 
 So the governor keeps a ladder of thread counts (the configured count, halved down to 1) and compares them side by
 side while the engine decodes: now and then it runs a few steps one rung away, and moves when that rung is clearly
 faster for the same batch shape than both the steps just before the probe and a few steps back home right after it.
 The second look is there because home's steps can be slow for a moment (the first steps after an idle spell, another
-process warming up): against those alone, one thread "won" twice in 21 rounds of the one-client benchmark on an idle
-box (15.8 ms against 22.0, 11.8 against 15.7), and the service's two slowest rounds, 72 and 75 tok/s where the other
-servers gave 96-101, came at the time of these moves. A losing rung is tried again after a doubling interval (up to
+process warming up), and against those alone a rung would sometimes "win" on an idle box and cost the moves' slow
+steps. A losing rung is tried again after a doubling interval (up to
 a minute), so on an idle box the probes cost a few steps a minute. A step far slower than the recent ones starts a
 probe of the bottom rung (one thread) at once, so a collapse is left within seconds, and the up-probes then climb
 back to the best rung. Coming back does not wait for the doubling interval when the steps on a lower rung get
@@ -21,7 +19,7 @@ clearly faster than when the governor moved there: the other process has likely 
 at once. Only pure decode steps (no prompt tokens in the batch) are compared, keyed by how many tokens the step
 decodes, because steps of different shapes take different times.
 
-Pure logic with an injectable clock: the engine times their steps and apply what :meth:`ThreadGovernor.step_done`
+Pure logic with an injectable clock: the engine times its steps and applies what :meth:`ThreadGovernor.step_done`
 returns with ``llama_set_n_threads`` (this module imports no llama_cpp).
 """
 
@@ -147,8 +145,8 @@ class ThreadGovernor:
         if quiet and self._clock() < self._next_probe[+1]:
             # Nothing can start a probe: on the top rung, too fast to be a collapse, not yet time to try fewer threads.
             # This runs between two decodes on every step, when the decode has just evicted the interpreter's data
-            # from the CPU caches: measured there, the full path took 46 us a step and this one 13 us. No lock, as
-            # only the engine thread writes (readers never look at the history).
+            # from the CPU caches, so the common case takes this short path. No lock, as only the engine thread
+            # writes (readers never look at the history).
             self._steps(0, shape).append(seconds)
             return None
         with self._lock:
