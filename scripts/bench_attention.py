@@ -5,7 +5,7 @@ cache shared by all sequences (``kv_unified``, what GGUFEngine uses) or one per 
 Each configuration gets its own context; the configurations take turns for ``--rounds`` rounds and the table shows
 medians. Every step decodes one token for each of ``--sequences`` sequences whose prompts hold ``--context``
 tokens, so the attention product is what changes between rows. It informed ``SMOLLM_FLASH_ATTN=auto``: on for the
-shared cache of the batched engine, off for the one-at-a-time engine on the CPU.
+shared cache of several sequences, off for one sequence on the CPU.
 
     .venv/bin/python scripts/bench_attention.py --context 40 --context 800 --sequences 1 --sequences 4
 """

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where the service's decode time goes under load: every ``llama_decode`` of the running service, timed.
 
-Starts this service in this process (real uvicorn on loopback, the batched engine), wraps llama-cpp-python's
+Starts this service in this process (real uvicorn on loopback, its one engine), wraps llama-cpp-python's
 ``llama_decode`` with a timer before the engine loads, then drives it with ``scripts/bench.py``'s client at each
 concurrency. For each level it prints the aggregate tok/s, how much of the wall time was spent inside
 ``llama_decode``, the median time between two decodes (the engine's own Python per step, plus this timer's
@@ -10,7 +10,7 @@ wrapper), and the steps by batch size (how many, median and total time). A batch
 
 What it answers: whether the batches are full (steps of ``--parallel`` tokens), and whether the time goes into
 llama.cpp or into our path around it. It is what showed that under 4 clients almost all steps decode 4 sequences
-and 95-98 % of the wall time is inside ``llama_decode`` (README, Performance).
+and 95-98 % of the wall time is inside ``llama_decode`` (docs/performance.md).
 
 ``--direct`` drives the engine itself, without HTTP (each client thread submits jobs and reads their tokens), to
 tell the engine's share from the HTTP path's. ``--env NAME=VALUE`` sets a service variable, e.g. to compare

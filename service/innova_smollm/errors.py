@@ -1,4 +1,4 @@
-"""Domain exceptions. Each carries a stable machine-readable ``type``; ``http_errors`` maps them to HTTP in one place.
+"""Domain exceptions. Each carries a stable machine-readable ``type``; ``http.errors`` maps them to HTTP in one place.
 
 This module imports nothing heavy: the in-process API, the engine and the HTTP layer all raise these.
 """

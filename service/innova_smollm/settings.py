@@ -55,7 +55,7 @@ class KVLayout(StrEnum):
     """How the engine lays out its KV cache for SMOLLM_PARALLEL sequences; see engine/kv_cache.py."""
 
     #: per_sequence when its extra KV memory, (parallel - 1) x one window's cache, is at most
-    #: engine.batched.PER_SEQUENCE_EXTRA_KV_BYTES (512 MiB), else shared: the speed where it is cheap (a small
+    #: engine.kv_cache.PER_SEQUENCE_EXTRA_KV_BYTES (512 MiB), else shared: the speed where it is cheap (a small
     #: model or a short window), one window's memory where it is not (a 3B model at 4096 tokens and 4 sequences
     #: would need 1.3 GiB more).
     AUTO = "auto"
@@ -74,7 +74,7 @@ class Settings:
     backend: str = "llama.cpp"
     n_ctx: int = 4096
     n_threads: int = 1
-    #: Let the engine decode with fewer threads while that is faster (CPU contention; see decode_threads.py).
+    #: Let the engine decode with fewer threads while that is faster (CPU contention; see engine/threads.py).
     adaptive_threads: bool = True
     n_gpu_layers: int = 0
     flash_attn: FlashAttention = FlashAttention.AUTO
@@ -115,7 +115,7 @@ class Settings:
 
     def flash_attention_for(self, n_gpu_layers: int, *, several_sequences: bool) -> bool:
         """Whether llama.cpp should use flash attention once ``n_gpu_layers`` layers are actually offloaded, for a
-        context that decodes several sequences together (the batched engine, either KV layout) or one."""
+        context that decodes several sequences together (SMOLLM_PARALLEL above 1, either KV layout) or one."""
         if self.flash_attn is FlashAttention.AUTO:
             return n_gpu_layers != 0 or several_sequences
         return self.flash_attn is FlashAttention.ON

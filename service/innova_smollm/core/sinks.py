@@ -105,7 +105,7 @@ class _SinkBase:
 class LoopInbox:
     """Carries events from the engine thread to one event loop, waking the loop once per burst.
 
-    Why: the batched engine hands out one token per running sequence each step, within microseconds. One
+    Why: the engine hands out one token per running sequence each step, within microseconds. One
     ``call_soon_threadsafe`` per token woke the loop once per token, and on a box with as many decode threads as
     cores every wake-up takes a core from a decode thread, whose partner then spins at llama.cpp's barrier. Here the
     first event of a burst schedules one drain; events posted before the drain runs ride along with it.

@@ -113,7 +113,7 @@ class ModelMetadata:
     load_time_s: float
     parallel: int
     flash_attn: bool
-    #: The KV layout in use: SMOLLM_KV_LAYOUT with ``auto`` resolved by the batched engine.
+    #: The KV layout in use: SMOLLM_KV_LAYOUT with ``auto`` resolved by the engine.
     kv_layout: str
 
 

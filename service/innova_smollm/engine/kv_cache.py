@@ -6,7 +6,7 @@ KV cache sizing: ``SMOLLM_KV_LAYOUT=auto``, the default, takes ``per_sequence`` 
 most ``PER_SEQUENCE_EXTRA_KV_BYTES`` and ``shared`` otherwise (``resolve_kv_layout``). ``shared`` makes the cache
 *unified*: one pool of ``n_ctx`` cells shared by all sequences, and a job is admitted only when its prompt plus
 max_tokens fit in the cells not yet reserved by the running sequences. Why this and not ``n_ctx * parallel``
-cells, when memory is dear: it stays what a one-at-a-time engine needs (for a 3B model one 4k-token cache is about
+cells, when memory is dear: it stays what one sequence needs (for a 3B model one 4k-token cache is about
 450 MB; four would be 1.8 GB, mostly idle), every request still gets the full ``n_ctx`` window (llama-server instead
 divides ``n_ctx`` by its slot count, llama.cpp#11681), and short requests, the common case, run side by side. A
 long job waits (first come, first served) until enough cells are free, so it can never run out of room midway.

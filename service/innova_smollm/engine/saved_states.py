@@ -1,4 +1,4 @@
-"""Saved KV states of sequences, in host memory: the second tier of the batched engine's prompt cache.
+"""Saved KV states of sequences, in host memory: the second tier of the engine's prompt cache.
 
 The first tier is the KV cache itself: an idle sequence id keeps its cells. There are only ``SMOLLM_PARALLEL`` ids,
 so under load an idle sequence is taken by the next job and its cells are cut to the prefix that job shares. Before

@@ -214,7 +214,7 @@ class GGUFEngine:
         self._worker.join(timeout=30)
         if self._worker.is_alive():
             # Freeing the context under a thread still inside llama_decode would crash the process; leak instead.
-            log.error("the batched engine thread did not stop within 30 s; leaving its llama context allocated")
+            log.error("the engine thread did not stop within 30 s; leaving its llama context allocated")
             return
         llama_cpp.llama_batch_free(self._batch)
         llama_cpp.llama_free(self._ctx)
@@ -234,7 +234,7 @@ class GGUFEngine:
                 if self._running:
                     self._step()
         except Exception as exc:  # the loop itself broke: nothing can run any more, so say so to everyone
-            log.exception("the batched engine loop failed")
+            log.exception("the engine loop failed")
             self._closed = True
             self._fail_everyone(GenerationError(f"llama.cpp engine failed: {exc}"))
         self._fail_everyone(NotReadyError("stopping", "the engine shut down before this request ended"))

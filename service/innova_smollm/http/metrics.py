@@ -197,7 +197,7 @@ class _PromptCacheCollector(Collector):
             return
         yield _counters(
             "smollm_prompt_cache_tokens",
-            "Prompt tokens taken from the prompt cache (reused) and decoded (batched engine).",
+            "Prompt tokens taken from the prompt cache (reused) and decoded.",
             "kind",
             {"reused": stats.tokens_reused, "decoded": stats.tokens_decoded},
         )
