@@ -19,9 +19,12 @@ measurement goes round the peers, one after another, in an order that rotates ev
 sample per peer taken seconds apart, the ratios against (b) are computed round by round, and the report quotes
 their medians with the range.
 
-Output: a table on stdout, ``bench-results/bench-<stamp>.md`` (and ``latest.md``) to paste into the README, the raw
-samples in ``bench-results/bench-<stamp>.json`` and a PNG chart (``latest.png``, when matplotlib is installed). It
-is a benchmark, not a test: nothing in the test suite asserts a timing.
+Output: a table on stdout; the run's summary in ``docs/results/bench-<stamp>.md``, dated, to commit (the current
+table in docs/performance.md is taken from such a run); and in the git-ignored ``bench-results/`` the raw samples
+(``bench-<stamp>.json``, what ``scripts/bench_pool.py`` pools), a copy of the summary as ``latest.md``, the servers'
+logs and a PNG chart (``latest.png``, when matplotlib is installed). With ``--out DIR`` and no ``--results``,
+everything goes to DIR, so a trial run leaves docs/ alone. It is a benchmark, not a test: nothing in the test suite
+asserts a timing.
 
     .venv/bin/python scripts/bench.py --threads 2 --parallel 4
 """
@@ -51,6 +54,9 @@ from typing import Any, Protocol, cast
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Where a run's dated summary goes by default (committed), and where its raw samples, logs and chart go (ignored).
+RESULTS_DIR = REPO / "docs" / "results"
+RAW_DIR = REPO / "bench-results"
 DEFAULT_LLAMA_SERVER_GLOBS = ("/work/peers/*/build-server/bin/llama-server", "/work/peers/**/bin/llama-server")
 BASE = "b"
 
@@ -912,10 +918,25 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--llama-server", help="path of the llama-server binary (default: search)")
     parser.add_argument("--llama-server-arg", action="append", default=[], help="extra llama-server flag (repeatable)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench-results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="raw samples (JSON), latest.md, server logs and chart (default: bench-results/, git-ignored)",
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="the run's summary bench-<stamp>.md (default: docs/results/, or --out when --out is given)",
+    )
     parser.add_argument("--inprocess-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.variant = dict(args.variant)
+    if args.results is None:
+        args.results = RESULTS_DIR if args.out is None else args.out
+    if args.out is None:
+        args.out = RAW_DIR
     return args
 
 
@@ -941,6 +962,7 @@ def main() -> int:
         print(f"unknown peers {sorted(unknown)}: choose from {', '.join(sorted(known))}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     # A SIGTERM (timeout, Ctrl-C's cousin) unwinds like an exception, so every server started is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = dt.datetime.now()
@@ -975,8 +997,10 @@ def main() -> int:
         ]
     )
     print("\n" + markdown)
-    for name in (f"bench-{stamp}.md", "latest.md"):
-        (args.out / name).write_text(markdown + "\n")
+    summary = args.results / f"bench-{stamp}.md"
+    summary.write_text(markdown + "\n")
+    (args.out / "latest.md").write_text(markdown + "\n")
+    print(f"summary: {summary}")
     (args.out / f"bench-{stamp}.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
     png = args.out / f"bench-{stamp}.png"
     if chart(results, png):
