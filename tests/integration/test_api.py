@@ -123,7 +123,9 @@ def test_info_describes_the_model(live: LiveServer) -> None:
     assert info["quantization"] == "Q4_1"
     assert info["n_ctx"] == 1024
     assert info["n_threads"] == 2
-    assert info["kv_layout"] == "shared"
+    # SMOLLM_PARALLEL's default, and the layout ``auto`` picks for this small model's four 1024-token windows.
+    assert info["parallel"] == 4
+    assert info["kv_layout"] == "per_sequence"
     assert info["has_chat_template"] is True
     assert info["llama_cpp_python_version"]
     assert info["load_time_s"] >= 0

@@ -114,7 +114,7 @@ def busy_service(engine: Engine, model_path: Path) -> Iterator[tuple[LiveServer,
 
     Calling the second item closes that stream, which frees the slot.
     """
-    settings = make_settings(model_path, max_queue=0, max_tokens=1000, drain_timeout_s=5.0)
+    settings = make_settings(model_path, parallel=1, max_queue=0, max_tokens=1000, drain_timeout_s=5.0)
     with serve_in_thread(settings, engine=engine) as server, SmolLMClient(server.url) as holder:
         hold = holder.stream_generate(LONG_PROMPT, max_tokens=900, temperature=0)
         try:

@@ -56,7 +56,9 @@ class OpenStream:
 
 @pytest.fixture
 def small_queue(engine: GGUFEngine, model_path: Path) -> Iterator[LiveServer]:
-    with serve_in_thread(make_settings(model_path, max_queue=1, max_tokens=1000), engine=engine) as server:
+    # One slot (admission counts SMOLLM_PARALLEL, whatever the shared engine could decode together) and one place
+    # in line, so a second request waits and a third is refused.
+    with serve_in_thread(make_settings(model_path, parallel=1, max_queue=1, max_tokens=1000), engine=engine) as server:
         yield server
 
 

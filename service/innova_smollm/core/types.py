@@ -57,6 +57,15 @@ class GenerationJob:
     job_id: int = field(default_factory=lambda: next(_job_ids))
 
 
+@dataclass(frozen=True)
+class JobFinish:
+    """How a job ended, kept by the engine even when nobody was listening any more (diagnostics and tests)."""
+
+    job_id: int
+    reason: FinishReason
+    completion_tokens: int
+
+
 class TokenSink(Protocol):
     """Receives one job's output. Every method is called from the engine thread, so each must return quickly."""
 

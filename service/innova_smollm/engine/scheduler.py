@@ -30,6 +30,7 @@ from innova_smollm.core.types import (
     ChatMessage,
     FinishReason,
     GenerationJob,
+    JobFinish,
     ModelMetadata,
     PromptCacheStats,
     TokenSink,
@@ -167,6 +168,8 @@ class GGUFEngine:
         #: Sequence states copied to host memory and copied back (diagnostics).
         self.states_saved = 0
         self.states_restored = 0
+        #: How the latest job ended, even when nobody was listening any more (diagnostics and tests).
+        self.last_finish: JobFinish | None = None
         self._stopping = False
         self._closed = False
         self._worker = threading.Thread(target=self._serve, name="llama-batched-engine", daemon=True)
@@ -487,6 +490,7 @@ class GGUFEngine:
 
     def _finish(self, running: _Running, reason: FinishReason) -> None:
         self._release(running)
+        self.last_finish = JobFinish(running.job.job_id, reason, running.produced)
         try:
             tail = running.assembler.flush()
             if tail:

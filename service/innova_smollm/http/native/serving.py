@@ -116,9 +116,9 @@ class NativeWire:
     """The native answer: a JSON body, or SSE ``token`` events with text chunks, then one ``done`` event (an
     ``error`` event if generation fails after the 200)."""
 
-    error_format: ErrorFormat = native_error
-
     def __init__(self, service: ModelService, *, chat: bool) -> None:
+        # An instance attribute: a function kept on the class would be bound to the instance when looked up.
+        self.error_format: ErrorFormat = native_error
         self._service = service
         self._chat = chat
 

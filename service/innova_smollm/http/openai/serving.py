@@ -167,9 +167,9 @@ class OpenAIWire:
     """An answer's framing as :class:`innova_smollm.http.streaming.Wire` wants it: ``data:`` chunks, then
     ``data: [DONE]``; a failure after the 200 travels as a ``data: {"error"}`` chunk before ``[DONE]``."""
 
-    error_format: ErrorFormat = openai_error
-
     def __init__(self, answer: ChatAnswer | CompletionAnswer, *, include_usage: bool) -> None:
+        # An instance attribute: a function kept on the class would be bound to the instance when looked up.
+        self.error_format: ErrorFormat = openai_error
         self._answer = answer
         self._include_usage = include_usage
 
