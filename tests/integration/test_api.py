@@ -192,6 +192,21 @@ def test_bad_chat_bodies_are_4xx_naming_the_field(live: LiveServer, body: dict[s
 
 
 @pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}], "max_token": 5}, "max_token"),
+        ({"messages": [{"role": "user", "content": "hi", "nmae": "x"}]}, "messages[0].nmae"),
+    ],
+)
+def test_an_unknown_field_is_named_as_the_field_not_the_body(
+    live: LiveServer, body: dict[str, object], field: str
+) -> None:
+    reply = live.post(f"{API}/chat", json=body)
+    assert reply.status_code == 400
+    assert reply.json()["error"]["field"] == field
+
+
+@pytest.mark.parametrize(
     ("data", "headers"),
     [
         (b"{not json", {"content-type": "application/json"}),

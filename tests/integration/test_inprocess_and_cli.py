@@ -116,6 +116,17 @@ def test_serve_refuses_bad_settings_with_the_variable_named() -> None:
     assert "SMOLLM_N_CTX" in result.stderr
 
 
+@pytest.mark.parametrize("missing", ["uvicorn", "litestar"])
+def test_serve_without_the_server_extra_says_which_extra_to_install(missing: str) -> None:
+    # A bare `pip install innova-smollm` has neither: the module is made unimportable, as it is there.
+    code = f"import sys; sys.modules[{missing!r}] = None; from innova_smollm.cli import main; sys.exit(main(['serve']))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert missing in lines[0] and "innova-smollm[server]" in lines[0]
+
+
 def test_serve_refuses_a_public_address_without_keys() -> None:
     result = cli("serve", env={"HOST": "0.0.0.0", "SMOLLM_API_KEYS": ""})
     assert result.returncode == 2

@@ -21,7 +21,8 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 def scrape(server: LiveServer) -> Samples:
     reply = server.get("/metrics")
     assert reply.status_code == 200
-    assert reply.headers["content-type"].startswith("text/plain")
+    # Prometheus' text format, with its charset named once (Litestar adds it to a text media type itself).
+    assert reply.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(reply.text)

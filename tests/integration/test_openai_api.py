@@ -197,6 +197,18 @@ def test_malformed_json_on_v1_is_an_openai_shaped_400(live: LiveServer) -> None:
     assert reply.json()["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(("method", "path", "status"), [("GET", "/v1/nope", 404), ("GET", "/v1/chat/completions", 405)])
+def test_unknown_v1_paths_and_methods_answer_in_openais_shape(
+    live: LiveServer, method: str, path: str, status: int
+) -> None:
+    reply = requests.request(method, live.url + path, timeout=60)
+    assert reply.status_code == status
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["code"] == {404: "not_found", 405: "method_not_allowed"}[status]
+    assert error["message"]
+
+
 def test_native_routes_keep_their_error_shape(live: LiveServer) -> None:
     reply = live.post(f"{API}/chat", json={"messages": [{"role": "user", "content": "hi"}], "temperature": 9})
     error = reply.json()["error"]

@@ -118,12 +118,12 @@ def describe_validation(exc: ValidationException) -> tuple[str, str | None]:
         message = str(item.get("message", ""))
         key = item.get("key")
         at = _FIELD_AT.search(message)
+        # Litestar gives the path as ``key``; "data" is the whole body, which names nothing.
+        path = at.group(1) if at else (str(key) if key and key != "data" else None)
         unknown = _UNKNOWN_FIELD.search(message)
-        name = at.group(1) if at else None
+        name = path
         if unknown is not None:  # an unknown field is named by itself, below the object it was found in
-            name = f"{name}.{unknown.group(1)}" if name else unknown.group(1)
-        if name is None and key and key != "data":  # "data" is the whole body, which names nothing
-            name = str(key)
+            name = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
         field = field or name
         reasons.append(message if not name or name in message else f"{name}: {message}")
     detail = "; ".join(reasons) or str(exc.detail)
