@@ -101,7 +101,7 @@ def serve_in_thread(
     port = int(listener.getsockname()[1])
     settings = dataclasses.replace(settings, port=port)
     app = create_app(settings, engine=engine, loader=loader)
-    config = uvicorn_config(app, host="127.0.0.1", port=port, lifespan="on")
+    config = uvicorn_config(app, host="127.0.0.1", port=port, settings=settings, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name=f"uvicorn-{port}", daemon=True)
     thread.start()
