@@ -57,8 +57,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
 
 import msgspec
-from litestar.exceptions import HTTPException
 from litestar.enums import ScopeType
+from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
 
 from innova_smollm.http.errors import error_body
