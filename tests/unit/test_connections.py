@@ -78,9 +78,17 @@ class FakeTransport:
         self.buffered = 0
         self.protocol: asyncio.Protocol | None = None
         self.lost = False
+        self.eof = False
 
     def write(self, data: bytes) -> None:
+        assert not self.eof
         self.written += data
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
 
     def close(self) -> None:
         if not self.closing:
@@ -193,7 +201,12 @@ def test_half_a_head_gets_a_json_408_at_the_head_timeout() -> None:
         await asyncio.sleep(0.3)
         status, body = status_of(transport.written)
         assert (status, body["error"]["type"]) == (408, "request_timeout")
-        assert b"connection: close" in transport.written and transport.closing
+        assert b"connection: close" in transport.written and transport.eof
+        # A lingering close: what the client still sends is read and dropped, then the connection closes.
+        protocol.data_received(b"more")
+        assert not transport.closing
+        await asyncio.sleep(0.25)
+        assert transport.closing
 
     run(test)
 
@@ -203,7 +216,7 @@ def test_an_oversized_head_in_pieces_gets_a_json_400_and_is_not_passed_on() -> N
         cls = guarded_protocol(FakeInner, POLICY)
         protocol, transport = connect(cls, loop)
         protocol.data_received(b"GET / HTTP/1.1\r\n")
-        while not transport.closing:
+        while not transport.eof:
             protocol.data_received(b"X-Pad: " + b"a" * 1000 + b"\r\n")
         status, body = status_of(transport.written)
         assert (status, body["error"]["type"]) == (400, "request_too_large")

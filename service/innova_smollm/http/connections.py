@@ -72,6 +72,11 @@ MAX_HEAD_BYTES = 16 * 1024
 _RESERVE_MIN, _RESERVE_MAX = 64, 1024
 
 _TERMINATOR = b"\r\n\r\n"
+
+#: After an error answer the guard stops sending (FIN) but goes on reading and dropping what the client still sends,
+#: for at most this long, then closes: closing with unread bytes would make the kernel send a reset, which can
+#: destroy the answer before the client reads it (nginx's lingering close).
+LINGER_S = 2.0
 _BLANK = b"\r\n"
 
 
@@ -225,11 +230,7 @@ class GuardedConnection(asyncio.Protocol):
             if oldest is not None:
                 oldest._close("evicted", abort=True)
             else:
-                self.phase = Phase.CLOSED
-                table.count_close("refused")
-                transport.write(_error_response(503, "overloaded", "the service holds all the connections it can"))
-                transport.close()
-                self._arm(self.policy.io_timeout_s)
+                self._reject(503, "overloaded", "the service holds all the connections it can; retry shortly")
                 return
         self._wait_for_head(self.policy.head_timeout_s)
         self._inner_made = True
@@ -264,7 +265,9 @@ class GuardedConnection(asyncio.Protocol):
             _current.reset(token)
 
     def eof_received(self) -> bool | None:
-        return self.inner.eof_received() if self._inner_made else None
+        if self.phase is Phase.CLOSED or not self._inner_made:
+            return None  # the transport closes itself
+        return self.inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.phase = Phase.CLOSED
@@ -383,7 +386,10 @@ class GuardedConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.phase is Phase.REQUEST:
             return
-        if transport.is_closing() or self.phase is Phase.CLOSED:
+        if self.phase is Phase.CLOSED and not transport.is_closing():
+            transport.close()  # the end of a lingering close
+            self._arm(self.policy.io_timeout_s)
+        elif transport.is_closing() or self.phase is Phase.CLOSED:
             # A close that could not flush its buffer (a client that never reads): drop the buffer.
             self._close("close_stalled", abort=True)
         elif self.phase is Phase.HEAD and self.scanner.size > 0:
@@ -392,9 +398,19 @@ class GuardedConnection(asyncio.Protocol):
             self._close("idle" if self.phase is Phase.HEAD else "head_timeout", abort=False)
 
     def _reject(self, status: int, type_: str, message: str) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(_error_response(status, type_, message))
-        self._close(type_, abort=False)
+        """Answer a JSON error and close, lingering (see :data:`LINGER_S`)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(_error_response(status, type_, message))
+        if not transport.can_write_eof():
+            self._close(type_, abort=False)
+            return
+        self.table.count_close(type_)
+        self.phase = Phase.CLOSED
+        self._waiting(False)
+        transport.write_eof()
+        self._arm(min(LINGER_S, self.policy.io_timeout_s))
 
     def _close(self, reason: str, *, abort: bool) -> None:
         transport = self.transport
