@@ -62,6 +62,7 @@ from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
 
 from innova_smollm.http.errors import error_body
+from innova_smollm.http.requestlog import note
 
 log = logging.getLogger(__name__)
 
@@ -498,6 +499,7 @@ class ConnectionHooks:
 
         async def guarded_send(message: Message) -> None:
             if connection.write_paused and not await connection.wait_writable():
+                note(scope, closed="send_stalled")
                 return  # aborted: the app learns of the disconnect from receive, as for any client that left
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
