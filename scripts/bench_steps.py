@@ -131,7 +131,7 @@ def start_service(args: argparse.Namespace) -> tuple[Any, int]:
 
     port = bench.free_port()
     settings = service_settings(args, port)
-    server = uvicorn.Server(uvicorn_config(create_app(settings), host="127.0.0.1", port=port))
+    server = uvicorn.Server(uvicorn_config(create_app(settings), host="127.0.0.1", port=port, settings=settings))
     threading.Thread(target=server.run, name="uvicorn", daemon=True).start()
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def serve_in_thread(
     port = int(listener.getsockname()[1])
     settings = dataclasses.replace(settings, port=port)
     app = create_app(settings, engine=engine, loader=loader)
-    config = uvicorn_config(app, host="127.0.0.1", port=port, lifespan="on")
+    config = uvicorn_config(app, host="127.0.0.1", port=port, settings=settings, lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name=f"uvicorn-{port}", daemon=True)
     thread.start()
@@ -200,10 +201,11 @@ class ServiceProcess:
 
 @contextlib.contextmanager
 def run_service(
-    env: Mapping[str, str], *, wait_for_port: bool = True, new_session: bool = False
+    env: Mapping[str, str], *, wait_for_port: bool = True, new_session: bool = False, nofile: int | None = None
 ) -> Iterator[ServiceProcess]:
     """``innova-smollm serve`` as its own process, as systemd runs it (``new_session``: in a session of its own,
-    which Linux's autogroup scheduler treats like a separate service when it shares the CPU)."""
+    which Linux's autogroup scheduler treats like a separate service when it shares the CPU; ``nofile``: its
+    open-file limit, soft and hard, as the unit's LimitNOFILE sets it)."""
     port = free_port()
     full_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("SMOLLM_", "ENABLE_SMOLLM", "PROVIDER"))},
@@ -219,6 +221,7 @@ def run_service(
         text=True,
         cwd=REPO_ROOT,
         start_new_session=new_session,
+        preexec_fn=None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
     )
     service = ServiceProcess(process=process, url=f"http://127.0.0.1:{port}")
     try:

@@ -68,12 +68,14 @@ def serve(settings: Settings) -> int:
     from innova_smollm.logs import configure_logging
 
     configure_logging(settings.log_level)
+    # No limit_concurrency: uvicorn's counts idle connections too and answers a plain-text 503, health included.
+    # SMOLLM_MAX_REQUESTS (http/request_limit.py) counts requests; the connection guard bounds connections.
     config = uvicorn_config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        settings=settings,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
-        limit_concurrency=max(64, 4 * (settings.parallel + settings.max_queue)),
     )
     server = uvicorn.Server(config)
     server.run()

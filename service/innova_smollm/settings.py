@@ -104,6 +104,17 @@ class Settings:
     log_level: str = "INFO"
     #: How long a SIGTERM waits for running requests before the process exits.
     drain_timeout_s: float = 30.0
+    #: A connection must send a whole request head (request line and headers) within this many seconds of opening,
+    #: or of the first byte of its next request; else it gets a JSON 408 and is closed (http/connections.py).
+    head_timeout_s: float = 10.0
+    #: Longest pause allowed inside a request body, and longest an answer may wait for a client that takes no byte
+    #: of it; past it the connection is closed (a stalled body gets a JSON 408 first).
+    io_timeout_s: float = 30.0
+    #: Seconds an idle keep-alive connection stays open between requests (uvicorn's ``timeout_keep_alive``).
+    keep_alive_s: int = 5
+    #: HTTP requests handled at once, health and metrics not counted; past it a JSON 503 with Retry-After. The
+    #: default, max(64, 4 x (parallel + max_queue)), leaves room above what the engine admits for the cheap routes.
+    max_requests: int = 64
 
     #: JSON record of the deployed models (current and previous: name, sha256, when), written by the innova_model
     #: role; /info shows it. Empty: none.
@@ -132,6 +143,8 @@ class Settings:
                 f"SMOLLM_MODEL_PATH={str(model_path)!r}: no model backend for the suffix "
                 f"{model_path.suffix or '(none)'!r}; known backends by suffix: {known}"
             )
+        max_queue = env.integer("SMOLLM_MAX_QUEUE", 8, minimum=0)
+        parallel = env.integer("SMOLLM_PARALLEL", DEFAULT_PARALLEL, minimum=1, maximum=64)
         settings = cls(
             enabled=env.boolean("ENABLE_SMOLLM", True),
             provider=env.choice("PROVIDER", Provider, Provider.LOCAL),
@@ -143,8 +156,8 @@ class Settings:
             n_gpu_layers=env.integer("SMOLLM_N_GPU_LAYERS", 0, minimum=-1),
             flash_attn=env.choice("SMOLLM_FLASH_ATTN", FlashAttention, FlashAttention.AUTO),
             max_tokens=env.integer("SMOLLM_MAX_TOKENS", 1024, minimum=1),
-            max_queue=env.integer("SMOLLM_MAX_QUEUE", 8, minimum=0),
-            parallel=env.integer("SMOLLM_PARALLEL", DEFAULT_PARALLEL, minimum=1, maximum=64),
+            max_queue=max_queue,
+            parallel=parallel,
             prompt_cache=env.boolean("SMOLLM_PROMPT_CACHE", True),
             prompt_cache_mb=env.integer("SMOLLM_PROMPT_CACHE_MB", 256, minimum=0),
             kv_layout=env.choice("SMOLLM_KV_LAYOUT", KVLayout, KVLayout.AUTO),
@@ -160,6 +173,10 @@ class Settings:
             log_content=env.boolean("SMOLLM_LOG_CONTENT", False),
             log_level=env.choice_text("SMOLLM_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
             drain_timeout_s=env.number("SMOLLM_DRAIN_TIMEOUT_S", 30.0, minimum=0.0),
+            head_timeout_s=env.number("SMOLLM_HEAD_TIMEOUT_S", 10.0, minimum=0.1),
+            io_timeout_s=env.number("SMOLLM_IO_TIMEOUT_S", 30.0, minimum=0.1),
+            keep_alive_s=env.integer("SMOLLM_KEEP_ALIVE_S", 5, minimum=1, maximum=3600),
+            max_requests=env.integer("SMOLLM_MAX_REQUESTS", default_max_requests(parallel, max_queue), minimum=1),
             model_manifest=Path(manifest) if (manifest := env.text("SMOLLM_MODEL_MANIFEST", "")) else None,
         )
         settings.check_listen_address()
@@ -189,6 +206,15 @@ def display_name(model_path: Path) -> str:
     except OSError:
         resolved = model_path
     return _VERSION_SUFFIX.sub("", resolved.stem)
+
+
+def default_max_requests(parallel: int, max_queue: int) -> int:
+    """SMOLLM_MAX_REQUESTS's default: four times what the engine admits (running + waiting), at least 64.
+
+    The engine turns away what it cannot admit with its own 503 ``queue_full`` at once, so most requests past its
+    admission leave quickly; the rest of the room is for the routes that cost nothing (info, models, 4xx answers).
+    """
+    return max(64, 4 * (parallel + max_queue))
 
 
 def _is_loopback(host: str) -> bool:

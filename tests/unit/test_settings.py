@@ -23,6 +23,14 @@ def test_defaults_follow_the_contract(tmp_path: Path) -> None:
     assert settings.log_content is False
     assert settings.adaptive_threads is True
     assert settings.kv_layout is KVLayout.AUTO
+    assert (settings.head_timeout_s, settings.io_timeout_s, settings.keep_alive_s) == (10.0, 30.0, 5)
+    # Four times what the engine admits (4 running + 8 waiting), at least 64.
+    assert settings.max_requests == 64
+
+
+def test_the_request_limit_follows_the_engines_admission_unless_set() -> None:
+    assert Settings.from_env({"SMOLLM_PARALLEL": "8", "SMOLLM_MAX_QUEUE": "16"}).max_requests == 96
+    assert Settings.from_env({"SMOLLM_PARALLEL": "8", "SMOLLM_MAX_REQUESTS": "10"}).max_requests == 10
 
 
 def test_every_variable_is_read(tmp_path: Path) -> None:
@@ -47,6 +55,10 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
             "SMOLLM_ADAPTIVE_THREADS": "false",
             "SMOLLM_KV_LAYOUT": "per_sequence",
             "SMOLLM_PROMPT_CACHE_MB": "0",
+            "SMOLLM_HEAD_TIMEOUT_S": "2.5",
+            "SMOLLM_IO_TIMEOUT_S": "7",
+            "SMOLLM_KEEP_ALIVE_S": "20",
+            "SMOLLM_MAX_REQUESTS": "300",
         }
     )
     assert settings.enabled is False
@@ -63,6 +75,8 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
     assert settings.adaptive_threads is False
     assert settings.kv_layout is KVLayout.PER_SEQUENCE
     assert settings.prompt_cache_mb == 0
+    assert (settings.head_timeout_s, settings.io_timeout_s, settings.keep_alive_s) == (2.5, 7.0, 20)
+    assert settings.max_requests == 300
 
 
 @pytest.mark.parametrize(
@@ -105,6 +119,12 @@ def test_relative_model_paths_resolve_from_the_backend_root(tmp_path: Path) -> N
         ({"SMOLLM_FLASH_ATTN": "yes"}, ["SMOLLM_FLASH_ATTN", "auto | on | off"]),
         ({"SMOLLM_KV_LAYOUT": "unified"}, ["SMOLLM_KV_LAYOUT", "shared | per_sequence"]),
         ({"PORT": "70000"}, ["PORT", "65535"]),
+        ({"SMOLLM_HEAD_TIMEOUT_S": "0"}, ["SMOLLM_HEAD_TIMEOUT_S", ">= 0.1"]),
+        ({"SMOLLM_HEAD_TIMEOUT_S": "inf"}, ["SMOLLM_HEAD_TIMEOUT_S"]),
+        ({"SMOLLM_IO_TIMEOUT_S": "soon"}, ["SMOLLM_IO_TIMEOUT_S", "not a number"]),
+        ({"SMOLLM_KEEP_ALIVE_S": "0"}, ["SMOLLM_KEEP_ALIVE_S", ">= 1"]),
+        ({"SMOLLM_KEEP_ALIVE_S": "1.5"}, ["SMOLLM_KEEP_ALIVE_S", "not an integer"]),
+        ({"SMOLLM_MAX_REQUESTS": "0"}, ["SMOLLM_MAX_REQUESTS", ">= 1"]),
         ({"HOST": "a b"}, ["HOST"]),
         ({"SMOLLM_API_KEYS": "short"}, ["SMOLLM_API_KEYS", "16 characters"]),
         ({"SMOLLM_MODEL_PATH": "models/model.bin"}, ["SMOLLM_MODEL_PATH", ".bin", ".gguf (llama.cpp)"]),

@@ -24,10 +24,12 @@ from innova_smollm import __version__
 from innova_smollm.core.service import EngineLoader, ModelService, State
 from innova_smollm.core.types import Engine
 from innova_smollm.http.auth import api_key_guard
+from innova_smollm.http.connections import ConnectionHooks
 from innova_smollm.http.errors import EXCEPTION_HANDLERS, JSONBodyRequest
 from innova_smollm.http.metrics import Metrics, metrics_endpoint
 from innova_smollm.http.native.routes import ChatlayaController, NativeController
 from innova_smollm.http.openai import routes as openai
+from innova_smollm.http.request_limit import RequestLimit
 from innova_smollm.http.requestlog import RequestLog
 from innova_smollm.settings import Settings
 
@@ -93,7 +95,11 @@ def create_app(settings: Settings, engine: Engine | None = None, *, loader: Engi
     )
     # Around Litestar's whole handler (routing and exception handling included), so that every request, even a 404
     # or a 401, gets its log line, its X-Request-ID and its count; route middleware would miss unmatched paths.
-    app.asgi_handler = RequestLog(app.asgi_handler, log_content=settings.log_content, on_finish=metrics.on_request)
+    # Inside out: the request limit (its 503s are logged and counted), the log, and outermost the hooks that tell
+    # the connection guard (http/connections.py) when a request starts and ends and bound stalled reads and writes.
+    limited = RequestLimit(app.asgi_handler, limit=settings.max_requests)
+    logged = RequestLog(limited, log_content=settings.log_content, on_finish=metrics.on_request)
+    app.asgi_handler = ConnectionHooks(logged)
     return app
 
 

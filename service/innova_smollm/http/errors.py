@@ -42,6 +42,7 @@ _TYPES_BY_STATUS = {
     401: "authentication_error",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "request_too_large",
     415: "unsupported_media_type",
     429: "rate_limited",
