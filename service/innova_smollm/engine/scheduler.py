@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,10 @@ from innova_smollm.core.types import (
     TokenSink,
 )
 from innova_smollm.engine.detokenize import TextAssembler
+from innova_smollm.engine.grammar import json_schema_gbnf
 from innova_smollm.engine.kv_cache import MIN_SAVED_STATE_GAIN, choose_sequence, resolve_kv_layout
 from innova_smollm.engine.model import GGUFModel
-from innova_smollm.engine.sampling import LogitRows, new_sampler
+from innova_smollm.engine.sampling import Candidates, LogitRows, grammar_error, new_grammar, new_sampler
 from innova_smollm.engine.saved_states import SavedState, SavedStates
 from innova_smollm.engine.threads import ThreadCounts, ThreadGovernor, batch_threads, new_thread_governor
 from innova_smollm.errors import (
@@ -70,6 +71,7 @@ class _Running:
         "assembler",
         "batch_index",
         "fed",
+        "grammar",
         "job",
         "last_token",
         "position",
@@ -81,11 +83,15 @@ class _Running:
         "sink",
     )
 
-    def __init__(self, job: GenerationJob, sink: TokenSink, seq_id: int, sampler: Any | None) -> None:
+    def __init__(
+        self, job: GenerationJob, sink: TokenSink, seq_id: int, sampler: Any | None, grammar: Any | None = None
+    ) -> None:
         self.job = job
         self.sink = sink
         self.seq_id = seq_id
         self.sampler = sampler
+        #: llama.cpp's grammar sampler when the answer is constrained (sampled lazily, see sampling.Candidates).
+        self.grammar = grammar
         self.assembler = TextAssembler(job.stop)
         self.reserved_cells = len(job.prompt_tokens) + job.max_tokens
         #: How many prompt tokens are already in the KV cache; generation starts once all are.
@@ -148,7 +154,9 @@ class GGUFEngine:
         for i in range(self._n_batch):
             self._batch_n_seq_id[i] = 1
         self.pieces = self._model.pieces
-        self._greedy = LogitRows(self._ctx, self._model.llama.n_vocab())
+        self._n_vocab = int(self._model.llama.n_vocab())
+        self._greedy = LogitRows(self._ctx, self._n_vocab)
+        self._candidates = Candidates(self._ctx, self._n_vocab, self._greedy)
 
         self._inbox: queue.SimpleQueue[tuple[GenerationJob, TokenSink] | None] = queue.SimpleQueue()
         self._waiting: deque[tuple[GenerationJob, TokenSink]] = deque()
@@ -197,6 +205,23 @@ class GGUFEngine:
 
     def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         return self._model.tokenize_chat(messages)
+
+    def tokenize_text(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        return self._model.tokenize_text(text, add_special=add_special, parse_special=parse_special)
+
+    def token_bytes(self, token: int) -> bytes:
+        if not 0 <= token < self._n_vocab:
+            raise ValueError(f"token {token} is outside the vocabulary (0 to {self._n_vocab - 1})")
+        return self._model.token_bytes(token)
+
+    # --- constraints ----------------------------------------------------------------------------------------
+
+    def grammar_error(self, grammar: str) -> str | None:
+        # Parsing reads the vocabulary only, which no thread writes: safe beside the engine thread's decoding.
+        return grammar_error(self._vocab, grammar)
+
+    def json_schema_grammar(self, schema: Mapping[str, Any] | None) -> str:
+        return json_schema_gbnf(schema)
 
     # --- jobs -----------------------------------------------------------------------------------------------
 
@@ -290,11 +315,15 @@ class GGUFEngine:
             reused = self._reuse_prefix(seq_id, cached, prompt, reusable=reusable)
             # The sequence's cached cells become part of this job's reservation.
             self._free_cells += len(cached) - needed
-            running = _Running(job, sink, seq_id, new_sampler(job.sampling))
+            grammar = new_grammar(self._vocab, job.grammar) if job.grammar is not None else None
+            running = _Running(job, sink, seq_id, new_sampler(job.sampling, self._n_vocab), grammar)
             running.prefilled = running.position = reused
             self.prompt_tokens_reused += reused
             self.prompt_tokens_prefilled += len(prompt) - reused
             self._running[seq_id] = running
+            if job.grammar is not None and grammar is None:  # checked when prepared: llama.cpp changed its mind
+                self._abort(running, GenerationError("llama.cpp could not parse the request's grammar"))
+                continue
             try:
                 sink.started()
             except Exception as exc:
@@ -454,7 +483,9 @@ class GGUFEngine:
         sampled = [
             (
                 running,
-                self._greedy.highest(running.batch_index)
+                self._sample_constrained(running)
+                if running.grammar is not None
+                else self._greedy.highest(running.batch_index)
                 if running.sampler is None
                 else llama_cpp.llama_sampler_sample(running.sampler, self._ctx, running.batch_index),
             )
@@ -466,6 +497,9 @@ class GGUFEngine:
                 self._deliver(running, token)
             except Exception as exc:  # a broken sink ends its own job only
                 self._abort(running, exc)
+
+    def _sample_constrained(self, running: _Running) -> int:
+        return self._candidates.sample(running.batch_index, running.sampler, running.grammar)
 
     def _deliver(self, running: _Running, token: int) -> None:
         piece, ends_generation = self.pieces(token)
@@ -508,6 +542,8 @@ class GGUFEngine:
             return
         if running.sampler is not None:
             llama_cpp.llama_sampler_free(running.sampler)
+        if running.grammar is not None:
+            llama_cpp.llama_sampler_free(running.grammar)
         seq_id = running.seq_id
         held: list[int] = []
         if keep_cache and self._prompt_cache:

@@ -10,6 +10,7 @@ from typing import Any
 
 from innova_smollm.core.service import ModelService, Outcome, RequestOptions
 from innova_smollm.core.types import ChatMessage
+from innova_smollm.http.constraints import constraint_of, logit_bias_of
 from innova_smollm.http.errors import ErrorFormat, native_error
 from innova_smollm.http.native.protocol import (
     ChatRequest,
@@ -32,8 +33,14 @@ def options_from(data: SamplingFields) -> RequestOptions:
         temperature=data.temperature,
         top_p=data.top_p,
         top_k=data.top_k,
+        min_p=data.min_p,
+        repeat_penalty=data.repeat_penalty,
+        frequency_penalty=data.frequency_penalty,
+        presence_penalty=data.presence_penalty,
+        logit_bias=logit_bias_of(data.logit_bias),
         stop=tuple(stop),
         seed=data.seed,
+        constraint=constraint_of(data.response_format, data.grammar),
     )
 
 

@@ -14,6 +14,7 @@ import msgspec
 from innova_smollm.core.service import ModelService, Outcome, Prepared, RequestOptions
 from innova_smollm.core.types import ChatMessage, FinishReason
 from innova_smollm.errors import InvalidRequestError
+from innova_smollm.http.constraints import constraint_of, logit_bias_of
 from innova_smollm.http.errors import ErrorFormat, openai_error
 from innova_smollm.http.openai.protocol import (
     AssistantMessage,
@@ -36,17 +37,63 @@ from innova_smollm.http.streaming import frame
 DONE = b"data: [DONE]\n\n"
 
 
+#: Per refused field, the values that ask for nothing (and so may be sent), and what the refusal says.
+_HARMLESS: dict[str, tuple[tuple[object, ...], str]] = {
+    "n": ((None, 1), "this server returns one choice"),
+    "tools": ((None, []), "tool calls are not supported yet"),
+    "tool_choice": ((None, "none"), "tool calls are not supported yet"),
+    "functions": ((None, []), "function calls are not supported"),
+    "function_call": ((None, "none"), "function calls are not supported"),
+    "logprobs": ((None, False), "log probabilities are not supported yet"),
+    "top_logprobs": ((None, 0), "log probabilities are not supported yet"),
+    "audio": ((None,), "this model reads and writes text only"),
+    "modalities": ((None, ["text"]), "this model writes text only"),
+    "prediction": ((None,), "predicted outputs are not supported"),
+    "reasoning_effort": ((None,), "this model does not reason before answering"),
+    "verbosity": ((None,), "verbosity is not supported"),
+    "web_search_options": ((None,), "this server does not search the web"),
+    "echo": ((None, False), "echoing the prompt is not supported"),
+    "best_of": ((None, 1), "this server returns one choice"),
+    "suffix": ((None, ""), "insertion (suffix) is not supported"),
+}
+
+#: The same for fields of a message.
+_HARMLESS_IN_MESSAGES: dict[str, tuple[tuple[object, ...], str]] = {
+    "refusal": ((None,), "refusals are not supported"),
+    "audio": ((None,), "this model reads text only"),
+    "function_call": ((None,), "function calls are not supported"),
+    "tool_calls": ((None, []), "tool calls are not supported yet"),
+    "tool_call_id": ((None,), "tool messages are not supported yet"),
+}
+
+
+def _refuse_what_is_asked(owner: object, rules: dict[str, tuple[tuple[object, ...], str]], prefix: str = "") -> None:
+    for name, (harmless, why) in rules.items():
+        value = getattr(owner, name, None)
+        if not any(value == ok and type(value) is type(ok) for ok in harmless):
+            raise InvalidRequestError(f"{prefix}{name}={value!r} is not supported: {why}", field=f"{prefix}{name}")
+
+
 def options_of(request: Sampling) -> RequestOptions:
-    if request.n not in (None, 1):
-        raise InvalidRequestError(f"n={request.n} is not supported: this server returns one choice", field="n")
+    _refuse_what_is_asked(request, _HARMLESS)
+    if isinstance(request, ChatCompletionRequest):
+        for index, message in enumerate(request.messages):
+            _refuse_what_is_asked(message, _HARMLESS_IN_MESSAGES, f"messages[{index}].")
     stop = request.stop if isinstance(request.stop, list) else [request.stop] if request.stop else []
     defaults = RequestOptions()
     return RequestOptions(
         max_tokens=request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens,
         temperature=defaults.temperature if request.temperature is None else request.temperature,
         top_p=defaults.top_p if request.top_p is None else request.top_p,
+        top_k=defaults.top_k if request.top_k is None else request.top_k,
+        min_p=defaults.min_p if request.min_p is None else request.min_p,
+        repeat_penalty=defaults.repeat_penalty if request.repeat_penalty is None else request.repeat_penalty,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        presence_penalty=request.presence_penalty or 0.0,
+        logit_bias=logit_bias_of(request.logit_bias),
         stop=tuple(stop),
         seed=None if request.seed is None else request.seed % 2**32,
+        constraint=constraint_of(request.response_format),
     )
 
 
