@@ -144,6 +144,21 @@ def grammar_error(vocab: Any, grammar: str) -> str | None:
     return None
 
 
+#: After a rejected token the grammar first goes over this many most likely tokens (4 x top_k when larger).
+SHORTLIST = 256
+SHORTLIST_MAX = 4096
+
+
+def shortlist_size(sampling: SamplingParams) -> int:
+    """How many grammar-valid tokens the chain needs to choose as it would from the whole vocabulary, or 0 when a
+    shortlist cannot be exact (biases and penalties move logits; top_k 0 keeps every token)."""
+    if sampling.logit_bias or sampling.penalised:
+        return 0
+    if sampling.greedy:
+        return 1
+    return sampling.top_k if 0 < sampling.top_k <= SHORTLIST_MAX // 4 else 0
+
+
 #: One llama_token_data as numpy sees it (int32 id, float logit, float p; 12 bytes, as in C).
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
@@ -169,6 +184,10 @@ class Candidates:
             data=self._one.ctypes.data_as(llama_cpp.llama_token_data_p), size=1, selected=-1, sorted=False
         )
         self._one_p = ctypes.pointer(self._one_array)
+        self._short = np.zeros(min(n_vocab, SHORTLIST_MAX), dtype=TOKEN_DATA)
+        self._short_p = self._short.ctypes.data_as(llama_cpp.llama_token_data_p)
+        self._short_array = llama_cpp.llama_token_data_array(data=self._short_p, size=0, selected=-1, sorted=False)
+        self._short_array_p = ctypes.pointer(self._short_array)
 
     def _fill(self, row: np.ndarray[Any, np.dtype[np.float32]]) -> None:
         self._data["id"] = self._ids
@@ -190,11 +209,45 @@ class Candidates:
         selected = int(self._array.selected)
         return int(self._array.data[selected].id)
 
-    def sample(self, batch_index: int, chain: Any | None, grammar: Any) -> int:
+    def _shortlisted(
+        self, row: np.ndarray[Any, np.dtype[np.float32]], chain: Any | None, grammar: Any, need: int
+    ) -> int:
+        """The resampled token from the most likely tokens alone, or -1 when that could differ from the whole
+        vocabulary's answer.
+
+        The chain keeps at most ``need`` tokens (1 for greedy, top_k otherwise) and never raises a logit (callers
+        pass ``need`` 0 when biases or penalties are in it), so when at least ``need`` of the ``size`` highest logits
+        pass the grammar, the grammar over everything would leave the chain the very same tokens to choose from.
+        """
+        size = min(max(SHORTLIST, 4 * need), len(self._short))
+        if need < 1 or size >= self._n_vocab:
+            return -1
+        ids = np.argpartition(row, -size)[-size:]
+        short = self._short[:size]
+        short["id"] = ids
+        short["logit"] = row[ids]
+        short["p"] = 0.0
+        array = self._short_array
+        array.data = self._short_p  # type: ignore[assignment]
+        array.size = size
+        array.selected = -1
+        array.sorted = False
+        llama_cpp.llama_sampler_apply(grammar, self._short_array_p)
+        logits = short["logit"]
+        if int(np.isfinite(logits).sum()) < need:
+            return -1
+        if chain is None:
+            return int(short["id"][int(logits.argmax())])
+        llama_cpp.llama_sampler_apply(chain, self._short_array_p)
+        return int(array.data[int(array.selected)].id)
+
+    def sample(self, batch_index: int, chain: Any | None, grammar: Any, shortlist: int = 0) -> int:
         """The next token of a constrained sequence, accepted into its grammar and chain.
 
         llama.cpp's lazy check (common_sampler): sample without the grammar, test the chosen token against the
-        grammar alone, and only when it is rejected apply the grammar to the whole vocabulary and sample again.
+        grammar alone, and only when it is rejected apply the grammar and sample again. The grammar then goes over
+        the ``shortlist``-bounded most likely tokens first when that gives the same answer (see _shortlisted), and
+        over the whole vocabulary otherwise (about 15 ms for 49k tokens on a busy 2-core host).
         """
         row = self._rows.row(batch_index)
         if chain is None:
@@ -211,9 +264,11 @@ class Candidates:
         self._one_array.sorted = False
         llama_cpp.llama_sampler_apply(grammar, self._one_p)
         if not np.isfinite(one["logit"][0]):
-            self._fill(row)
-            llama_cpp.llama_sampler_apply(grammar, self._array_p)
-            token = self._pick(chain)
+            token = self._shortlisted(row, chain, grammar, shortlist)
+            if token < 0:
+                self._fill(row)
+                llama_cpp.llama_sampler_apply(grammar, self._array_p)
+                token = self._pick(chain)
         llama_cpp.llama_sampler_accept(grammar, token)
         if chain is not None:
             llama_cpp.llama_sampler_accept(chain, token)

@@ -38,7 +38,14 @@ from innova_smollm.engine.detokenize import TextAssembler
 from innova_smollm.engine.grammar import json_schema_gbnf
 from innova_smollm.engine.kv_cache import MIN_SAVED_STATE_GAIN, choose_sequence, resolve_kv_layout
 from innova_smollm.engine.model import GGUFModel
-from innova_smollm.engine.sampling import Candidates, LogitRows, grammar_error, new_grammar, new_sampler
+from innova_smollm.engine.sampling import (
+    Candidates,
+    LogitRows,
+    grammar_error,
+    new_grammar,
+    new_sampler,
+    shortlist_size,
+)
 from innova_smollm.engine.saved_states import SavedState, SavedStates
 from innova_smollm.engine.threads import ThreadCounts, ThreadGovernor, batch_threads, new_thread_governor
 from innova_smollm.errors import (
@@ -80,6 +87,7 @@ class _Running:
         "reserved_cells",
         "sampler",
         "seq_id",
+        "shortlist",
         "sink",
     )
 
@@ -92,6 +100,7 @@ class _Running:
         self.sampler = sampler
         #: llama.cpp's grammar sampler when the answer is constrained (sampled lazily, see sampling.Candidates).
         self.grammar = grammar
+        self.shortlist = shortlist_size(job.sampling) if grammar is not None else 0
         self.assembler = TextAssembler(job.stop)
         self.reserved_cells = len(job.prompt_tokens) + job.max_tokens
         #: How many prompt tokens are already in the KV cache; generation starts once all are.
@@ -499,7 +508,7 @@ class GGUFEngine:
                 self._abort(running, exc)
 
     def _sample_constrained(self, running: _Running) -> int:
-        return self._candidates.sample(running.batch_index, running.sampler, running.grammar)
+        return self._candidates.sample(running.batch_index, running.sampler, running.grammar, running.shortlist)
 
     def _deliver(self, running: _Running, token: int) -> None:
         piece, ends_generation = self.pieces(token)
