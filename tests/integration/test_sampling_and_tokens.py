@@ -90,7 +90,7 @@ def test_native_api_takes_the_same_sampling_fields(live: LiveServer) -> None:
         ("/v1/chat/completions", {"response_format": {"type": "yaml"}}, "response_format.type"),
         ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2}, "logprobs"),
         ("/v1/chat/completions", {"n": 2}, "n"),
-        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
         ("/v1/chat/completions", {"frobnicate": True}, "frobnicate"),
         ("/v1/chat/completions", {"logit_bias": {"x": 1}}, "logit_bias.x"),
         ("/v1/completions", {"echo": True}, "echo"),

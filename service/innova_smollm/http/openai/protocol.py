@@ -8,10 +8,12 @@ Nothing a request asks for is silently ignored. Every field OpenAI defines is de
   extensions llama.cpp's server, vLLM and llama-cpp-python take: ``top_k``, ``min_p``, ``repeat_penalty``.
 - **Metadata, read and ignored**: ``model`` (one model is served, and answers name it), ``user``, ``metadata``,
   ``store`` (nothing is stored), ``service_tier``, ``prompt_cache_key`` (the prompt cache is automatic),
-  ``safety_identifier``, ``parallel_tool_calls`` while no tools are sent; in messages ``name``, ``annotations`` and a
-  null ``refusal``/``audio``/``function_call``/``tool_calls``. They change nothing in the answer.
+  ``safety_identifier``; in messages ``name``, ``annotations`` and a null ``refusal``/``audio``/``function_call``.
+  They change nothing in the answer. ``parallel_tool_calls`` is accepted either way: an answer makes one call.
+- **Tools**: ``tools``, ``tool_choice`` (``none``, ``auto``, ``required``, a named function), assistant messages with
+  ``tool_calls`` and ``role: "tool"`` messages: see :mod:`innova_smollm.http.openai.tools`.
 - **Refused with a 400 naming the field** when they ask for something (a null, ``false`` or default value is fine):
-  ``tools``/``tool_choice``/``functions``/``function_call``, ``logprobs``/``top_logprobs``, ``n`` > 1, ``audio``,
+  the legacy ``functions``/``function_call``, ``logprobs``/``top_logprobs``, ``n`` > 1, ``audio``,
   ``modalities`` other than ``["text"]``, ``prediction``, ``reasoning_effort``, ``verbosity``,
   ``web_search_options``; on ``/v1/completions`` also ``echo``, ``best_of`` > 1 and ``suffix``; a ``response_format``
   type other than the three above; a JSON schema construct the grammar cannot enforce (see
@@ -73,10 +75,44 @@ class ContentPart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     file: Refused = None
 
 
+class FunctionCall(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    arguments: Annotated[str, Meta(description="The arguments as a JSON string.")]
+
+
+class ToolCall(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: Annotated[
+        dict[str, Any] | None, Meta(description="JSON schema of the arguments; omitted: no arguments.")
+    ] = None
+    strict: Annotated[bool | None, Meta(description="Accepted either way (see tool_choice).")] = None
+
+
+class Tool(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     role: Annotated[
-        Literal["system", "developer", "user", "assistant"],
-        Meta(description="`developer` is read as `system`. Tool messages are not supported."),
+        Literal["system", "developer", "user", "assistant", "tool"],
+        Meta(description="`developer` is read as `system`; `tool` carries a tool's result (with tool_call_id)."),
     ]
     content: Annotated[
         str | list[ContentPart] | None,
@@ -87,8 +123,8 @@ class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     refusal: Refused = None
     audio: Refused = None
     function_call: Refused = None
-    tool_calls: Refused = None
-    tool_call_id: Refused = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class StreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -129,9 +165,11 @@ class Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class ChatCompletionRequest(Sampling, kw_only=True, forbid_unknown_fields=True):
     messages: Annotated[list[Message], Meta(min_length=1)]
-    parallel_tool_calls: Ignored = None
-    tools: Refused = None
-    tool_choice: Refused = None
+    parallel_tool_calls: Annotated[
+        bool | None, Meta(description="Accepted: an answer makes at most one call, which either value allows.")
+    ] = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     functions: Refused = None
     function_call: Refused = None
     logprobs: Refused = None
@@ -154,7 +192,7 @@ class CompletionRequest(Sampling, kw_only=True, forbid_unknown_fields=True):
 
 # --- answers ---------------------------------------------------------------------------------------------------
 
-OpenAIFinishReason = Literal["stop", "length"]
+OpenAIFinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -165,7 +203,8 @@ class Usage(msgspec.Struct, kw_only=True):
 
 class AssistantMessage(msgspec.Struct, kw_only=True):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):
@@ -185,9 +224,22 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
     system_fingerprint: str | None = None
 
 
+class FunctionDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    index: int  # no default, so always sent: clients merge the deltas of one call by it
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta | None = None
+
+
 class Delta(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(msgspec.Struct, kw_only=True):

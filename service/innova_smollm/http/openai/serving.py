@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from innova_smollm.core.schema import OutputConstraint
 from innova_smollm.core.service import ModelService, Outcome, Prepared, RequestOptions
 from innova_smollm.core.types import ChatMessage, FinishReason
 from innova_smollm.errors import InvalidRequestError
@@ -28,10 +29,15 @@ from innova_smollm.http.openai.protocol import (
     CompletionRequest,
     ContentPart,
     Delta,
+    FunctionCall,
+    FunctionDelta,
     OpenAIFinishReason,
     Sampling,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
+from innova_smollm.http.openai.tools import ParsedCall, ToolPlan, may_be_a_call, parse_call, plan_tools, render_messages
 from innova_smollm.http.streaming import frame
 
 DONE = b"data: [DONE]\n\n"
@@ -40,8 +46,6 @@ DONE = b"data: [DONE]\n\n"
 #: Per refused field, the values that ask for nothing (and so may be sent), and what the refusal says.
 _HARMLESS: dict[str, tuple[tuple[object, ...], str]] = {
     "n": ((None, 1), "this server returns one choice"),
-    "tools": ((None, []), "tool calls are not supported yet"),
-    "tool_choice": ((None, "none"), "tool calls are not supported yet"),
     "functions": ((None, []), "function calls are not supported"),
     "function_call": ((None, "none"), "function calls are not supported"),
     "logprobs": ((None, False), "log probabilities are not supported yet"),
@@ -62,8 +66,6 @@ _HARMLESS_IN_MESSAGES: dict[str, tuple[tuple[object, ...], str]] = {
     "refusal": ((None,), "refusals are not supported"),
     "audio": ((None,), "this model reads text only"),
     "function_call": ((None,), "function calls are not supported"),
-    "tool_calls": ((None, []), "tool calls are not supported yet"),
-    "tool_call_id": ((None,), "tool messages are not supported yet"),
 }
 
 
@@ -74,7 +76,11 @@ def _refuse_what_is_asked(owner: object, rules: dict[str, tuple[tuple[object, ..
             raise InvalidRequestError(f"{prefix}{name}={value!r} is not supported: {why}", field=f"{prefix}{name}")
 
 
-def options_of(request: Sampling) -> RequestOptions:
+def tool_plan_of(request: ChatCompletionRequest) -> ToolPlan | None:
+    return plan_tools(request.tools, request.tool_choice)
+
+
+def options_of(request: Sampling, plan: ToolPlan | None = None) -> RequestOptions:
     _refuse_what_is_asked(request, _HARMLESS)
     if isinstance(request, ChatCompletionRequest):
         for index, message in enumerate(request.messages):
@@ -93,15 +99,32 @@ def options_of(request: Sampling) -> RequestOptions:
         logit_bias=logit_bias_of(request.logit_bias),
         stop=tuple(stop),
         seed=None if request.seed is None else request.seed % 2**32,
-        constraint=constraint_of(request.response_format),
+        constraint=_constraint(request, plan),
     )
 
 
-def messages_of(request: ChatCompletionRequest) -> list[ChatMessage]:
-    return [
-        ChatMessage(role="system" if m.role == "developer" else m.role, content=_text_of(m.content, index))
-        for index, m in enumerate(request.messages)
-    ]
+def _constraint(request: Sampling, plan: ToolPlan | None) -> OutputConstraint | None:
+    constraint = constraint_of(request.response_format)
+    if plan is None or not plan.forced:
+        return constraint
+    if constraint is not None:
+        raise InvalidRequestError(
+            "response_format cannot constrain an answer that must be a tool call (tool_choice required or named)",
+            field="response_format",
+        )
+    return plan.constraint()
+
+
+def messages_of(request: ChatCompletionRequest, plan: ToolPlan | None = None) -> list[ChatMessage]:
+    for index, message in enumerate(request.messages):
+        if message.role == "tool" and not message.tool_call_id:
+            raise InvalidRequestError("a tool message needs tool_call_id", field=f"messages[{index}].tool_call_id")
+        if message.role != "tool" and message.tool_call_id is not None:
+            raise InvalidRequestError("tool_call_id belongs on tool messages", field=f"messages[{index}].tool_call_id")
+        if message.role != "assistant" and message.tool_calls:
+            raise InvalidRequestError("tool_calls belong on assistant messages", field=f"messages[{index}].tool_calls")
+    texts = [_text_of(m.content, index) for index, m in enumerate(request.messages)]
+    return render_messages(request.messages, plan, texts)
 
 
 def _text_of(content: str | list[ContentPart] | None, index: int) -> str:
@@ -161,11 +184,30 @@ class Answer:
 
 
 class ChatAnswer(Answer):
+    """A chat answer; with tools offered, the text may turn out a tool call (see :mod:`.tools`)."""
+
     prefix = "chatcmpl"
 
+    def __init__(self, model: str, plan: ToolPlan | None = None) -> None:
+        super().__init__(model)
+        self._plan = plan if plan is not None and plan.active else None
+        #: Streamed text held back while it may still be a tool call.
+        self._held: list[str] | None = [] if self._plan is not None else None
+
+    def _call(self, outcome: Outcome) -> ParsedCall | None:
+        if self._plan is None or outcome.finish_reason is not FinishReason.STOP:
+            return None
+        return parse_call(outcome.text, self._plan)
+
     def whole(self, outcome: Outcome) -> ChatCompletion:
-        message = AssistantMessage(content=outcome.text)
-        choice = ChatChoice(message=message, finish_reason=finish_reason_of(outcome.finish_reason))
+        call = self._call(outcome)
+        if call is None:
+            message = AssistantMessage(content=outcome.text)
+            reason = finish_reason_of(outcome.finish_reason)
+        else:
+            tool_call = ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+            message, reason = AssistantMessage(content=None, tool_calls=[tool_call]), "tool_calls"
+        choice = ChatChoice(message=message, finish_reason=reason)
         return ChatCompletion(
             id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage_of(outcome)
         )
@@ -174,11 +216,33 @@ class ChatAnswer(Answer):
         # OpenAI opens a stream with the role, then sends content deltas, then an empty delta with finish_reason.
         return [self._chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])]
 
-    def text(self, text: str) -> ChatCompletionChunk:
+    def text(self, text: str) -> ChatCompletionChunk | None:
+        if self._held is not None:
+            self._held.append(text)
+            held = "".join(self._held)
+            if may_be_a_call(held):
+                return None  # sent as a call or as text once the answer is complete
+            self._held = None
+            text = held
         return self._chunk([ChunkChoice(delta=Delta(content=text))])
 
-    def closing(self, outcome: Outcome) -> ChatCompletionChunk:
-        return self._chunk([ChunkChoice(delta=Delta(), finish_reason=finish_reason_of(outcome.finish_reason))])
+    def closing_chunks(self, outcome: Outcome) -> list[ChatCompletionChunk]:
+        chunks = []
+        call = self._call(outcome) if self._held is not None else None
+        if call is not None:
+            # OpenAI's shape: the call's id, type and name first, then its arguments.
+            head = ToolCallDelta(index=0, id=call.id, type="function", function=FunctionDelta(name=call.name))
+            arguments = ToolCallDelta(index=0, function=FunctionDelta(arguments=call.arguments))
+            chunks.append(self._chunk([ChunkChoice(delta=Delta(tool_calls=[head]))]))
+            chunks.append(self._chunk([ChunkChoice(delta=Delta(tool_calls=[arguments]))]))
+            reason: OpenAIFinishReason = "tool_calls"
+        else:
+            if self._held:
+                chunks.append(self._chunk([ChunkChoice(delta=Delta(content="".join(self._held)))]))
+            reason = finish_reason_of(outcome.finish_reason)
+        self._held = None
+        chunks.append(self._chunk([ChunkChoice(delta=Delta(), finish_reason=reason)]))
+        return chunks
 
     def usage(self, outcome: Outcome) -> ChatCompletionChunk:
         return self._chunk([], usage_of(outcome))
@@ -199,8 +263,8 @@ class CompletionAnswer(Answer):
     def text(self, text: str) -> Completion:
         return self._chunk(text, None)
 
-    def closing(self, outcome: Outcome) -> Completion:
-        return self._chunk("", finish_reason_of(outcome.finish_reason))
+    def closing_chunks(self, outcome: Outcome) -> list[Completion]:
+        return [self._chunk("", finish_reason_of(outcome.finish_reason))]
 
     def usage(self, outcome: Outcome) -> Completion:
         return Completion(id=self.id, created=self.created, model=self.model, choices=[], usage=usage_of(outcome))
@@ -227,10 +291,11 @@ class OpenAIWire:
         return [frame(None, chunk) for chunk in self._answer.opening()]
 
     def text(self, text: str) -> bytes:
-        return frame(None, self._answer.text(text))
+        chunk = self._answer.text(text)
+        return b"" if chunk is None else frame(None, chunk)
 
     def closing(self, outcome: Outcome) -> Sequence[bytes]:
-        frames = [frame(None, self._answer.closing(outcome))]
+        frames = [frame(None, chunk) for chunk in self._answer.closing_chunks(outcome)]
         if self._include_usage:
             frames.append(frame(None, self._answer.usage(outcome)))
         return [*frames, DONE]
