@@ -88,7 +88,8 @@ def test_native_api_takes_the_same_sampling_fields(live: LiveServer) -> None:
         ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
         ("/v1/chat/completions", {"prediction": {"type": "content", "content": "x"}}, "prediction"),
         ("/v1/chat/completions", {"response_format": {"type": "yaml"}}, "response_format.type"),
-        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 2}, "logprobs"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ("/v1/chat/completions", {"n": 2}, "n"),
         ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
         ("/v1/chat/completions", {"frobnicate": True}, "frobnicate"),
@@ -136,3 +137,50 @@ def test_token_endpoints_refuse_bad_input_by_name(live: LiveServer) -> None:
     reply = live.post(f"{API}/tokenize", json={"content": "x", "add_bos": True})
     assert reply.status_code == 400
     assert reply.json()["error"]["field"] == "add_bos"
+
+
+def test_chat_logprobs_in_openai_shape_whole_and_streamed(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3
+    )
+    choice = completion.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    entries = choice.logprobs.content
+    assert completion.usage is not None and len(entries) == completion.usage.completion_tokens
+    assert "".join(entry.token for entry in entries) == choice.message.content
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        # Greedy picks the most likely token of the raw distribution: the first of the top ones.
+        assert entry.top_logprobs[0].token == entry.token
+        assert abs(entry.top_logprobs[0].logprob - entry.logprob) < 1e-4
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3, stream=True
+        )
+    )
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content or []]
+    assert [e.token for e in streamed] == [e.token for e in entries]
+    # All of them ride on the last chunk, the one with finish_reason.
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].choices[0].logprobs is not None
+    plain = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_in_openai_shape(client: openai.OpenAI) -> None:
+    completion = client.completions.create(model=MODEL, prompt="One, two,", max_tokens=6, temperature=0, logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens is not None and logprobs.token_logprobs is not None
+    assert "".join(logprobs.tokens) == completion.choices[0].text
+    assert logprobs.text_offset is not None and logprobs.text_offset[0] == 0
+    assert logprobs.top_logprobs is not None and all(len(top) <= 2 for top in logprobs.top_logprobs)
+    assert all(value <= 0 for value in logprobs.token_logprobs)
+
+
+def test_native_logprobs(live: LiveServer) -> None:
+    body = {"messages": QUESTION, "max_tokens": 5, "temperature": 0, "logprobs": 2}
+    answer = live.post(f"{API}/chat", json=body).json()
+    assert len(answer["logprobs"]) == answer["usage"]["completion_tokens"]
+    assert "".join(entry["token"] for entry in answer["logprobs"]) == answer["response"]
+    assert all(len(entry["top_logprobs"]) == 2 for entry in answer["logprobs"])
+    assert live.post(f"{API}/chat", json={**body, "logprobs": None}).json()["logprobs"] is None

@@ -64,7 +64,6 @@ def test_metadata_and_harmless_values_are_accepted() -> None:
     ("fields", "param"),
     [
         ({"n": 2}, "n"),
-        ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"function_call": "auto"}, "function_call"),
@@ -90,12 +89,7 @@ def test_fields_that_ask_for_what_is_not_done_are_refused_by_name(fields: dict[s
 
 @pytest.mark.parametrize(
     ("fields", "param"),
-    [
-        ({"echo": True}, "echo"),
-        ({"best_of": 3}, "best_of"),
-        ({"suffix": "end"}, "suffix"),
-        ({"logprobs": 2}, "logprobs"),
-    ],
+    [({"echo": True}, "echo"), ({"best_of": 3}, "best_of"), ({"suffix": "end"}, "suffix")],
 )
 def test_completion_fields_that_ask_for_what_is_not_done_are_refused(fields: dict[str, Any], param: str) -> None:
     with pytest.raises(InvalidRequestError) as caught:

@@ -20,7 +20,15 @@ from typing import Protocol
 from innova_smollm.core.admission import Admission, Ticket
 from innova_smollm.core.schema import ConstraintKind, OutputConstraint
 from innova_smollm.core.sinks import AsyncSink, BlockingSink, Event, Failed, Finished, Started, Text
-from innova_smollm.core.types import ChatMessage, Engine, FinishReason, GenerationJob, ModelMetadata, SamplingParams
+from innova_smollm.core.types import (
+    ChatMessage,
+    Engine,
+    FinishReason,
+    GenerationJob,
+    ModelMetadata,
+    SamplingParams,
+    TokenLogprob,
+)
 from innova_smollm.errors import (
     ContextLengthExceededError,
     GenerationError,
@@ -68,6 +76,8 @@ class RequestOptions:
     seed: int | None = None
     #: What the answer must be (JSON, JSON valid against a schema, a GBNF grammar); None: free text.
     constraint: OutputConstraint | None = None
+    #: None: no log probabilities; k: each answer token's with the k most likely alternatives.
+    logprobs: int | None = None
     #: The request field that holds ``logit_bias``, for error messages.
     logit_bias_field: str = "logit_bias"
 
@@ -97,6 +107,8 @@ class Outcome:
     queue_s: float
     first_token_s: float | None
     total_s: float
+    #: One per answer token when the request asked for log probabilities.
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -141,7 +153,9 @@ class _Collector:
             self.first_token_at = produced_at
         self.parts.append(chunk)
 
-    def outcome(self, reason: FinishReason, completion_tokens: int) -> Outcome:
+    def outcome(
+        self, reason: FinishReason, completion_tokens: int, logprobs: tuple[TokenLogprob, ...] | None = None
+    ) -> Outcome:
         now = time.monotonic()
         arrived = self.prepared.arrived_at
         return Outcome(
@@ -154,6 +168,7 @@ class _Collector:
             queue_s=self.queue_s,
             first_token_s=None if self.first_token_at is None else self.first_token_at - arrived,
             total_s=now - arrived,
+            logprobs=logprobs,
         )
 
 
@@ -332,6 +347,10 @@ class ModelService:
 
     def _check_echo_can_answer(self, options: RequestOptions) -> None:
         """The echo provider repeats text: it cannot honour an output constraint, so such a request is refused."""
+        if options.logprobs is not None:
+            raise InvalidRequestError(
+                "logprobs need the local model, and the echo provider is answering", field="logprobs"
+            )
         if options.constraint is not None:
             raise InvalidRequestError(
                 f"{options.constraint.field} needs the local model, and the echo provider is answering "
@@ -440,6 +459,7 @@ class ModelService:
             ),
             stop=options.stop,
             grammar=grammar,
+            logprobs=options.logprobs,
             deadline=now + self.settings.request_timeout_s,
         )
         return Prepared(source=Source.LOCAL, prompt_tokens=prompt_tokens, job=job, echo_text=echo_text, arrived_at=now)
@@ -556,7 +576,7 @@ class ModelService:
             collector.on_text(event.text, event.produced_at)
             return event.text
         if isinstance(event, Finished):
-            outcome = collector.outcome(event.reason, event.completion_tokens)
+            outcome = collector.outcome(event.reason, event.completion_tokens, event.logprobs)
             self._admission.observe_duration(outcome.total_s)
             return self._observed(outcome)
         assert isinstance(event, Failed)

@@ -23,6 +23,16 @@ class FinishReason(StrEnum):
 
 
 @dataclass(frozen=True, kw_only=True)
+class TokenLogprob:
+    """One answer token's log probability under the model (its raw distribution: before temperature, penalties,
+    biases and grammar), and the most likely tokens at that position with theirs."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class ChatMessage:
     role: str
     content: str
@@ -66,6 +76,8 @@ class GenerationJob:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
+    #: None: no log probabilities; k: each answer token's, with the k most likely alternatives (TokenLogprob).
+    logprobs: int | None = None
     #: A GBNF grammar (root rule ``root``) the answer must follow token by token, already checked; None: free text.
     grammar: str | None = None
     #: time.monotonic() after which generation stops with FinishReason.TIMEOUT.
@@ -88,8 +100,10 @@ class TokenSink(Protocol):
         """A piece of the answer, already cut at stop strings and at whole UTF-8 characters."""
         ...
 
-    def finished(self, reason: FinishReason, completion_tokens: int) -> None:
-        """The job ended; no call follows."""
+    def finished(
+        self, reason: FinishReason, completion_tokens: int, logprobs: Sequence[TokenLogprob] | None = None
+    ) -> None:
+        """The job ended; no call follows. ``logprobs``: one per answer token when the job asked for them."""
         ...
 
     def failed(self, error: Exception) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 from innova_smollm.core.types import (
     ChatMessage,
@@ -32,6 +33,7 @@ from innova_smollm.core.types import (
     GenerationJob,
     ModelMetadata,
     PromptCacheStats,
+    TokenLogprob,
     TokenSink,
 )
 from innova_smollm.engine.detokenize import TextAssembler
@@ -81,6 +83,7 @@ class _Running:
         "grammar",
         "job",
         "last_token",
+        "logprobs",
         "position",
         "prefilled",
         "produced",
@@ -101,6 +104,8 @@ class _Running:
         #: llama.cpp's grammar sampler when the answer is constrained (sampled lazily, see sampling.Candidates).
         self.grammar = grammar
         self.shortlist = shortlist_size(job.sampling) if grammar is not None else 0
+        #: Each answer token's log probability, when the job asked for them.
+        self.logprobs: list[TokenLogprob] | None = [] if job.logprobs is not None else None
         self.assembler = TextAssembler(job.stop)
         self.reserved_cells = len(job.prompt_tokens) + job.max_tokens
         #: How many prompt tokens are already in the KV cache; generation starts once all are.
@@ -516,6 +521,8 @@ class GGUFEngine:
             self._finish(running, FinishReason.STOP)
             return
         running.produced += 1
+        if running.logprobs is not None:
+            running.logprobs.append(self._logprob(running, token))
         fed = running.assembler.feed(piece)
         if fed.text:
             running.sink.text(fed.text)
@@ -526,6 +533,20 @@ class GGUFEngine:
         else:
             running.last_token = token
 
+    def _logprob(self, running: _Running, token: int) -> TokenLogprob:
+        """The token's log probability under the model's raw distribution (this step's logits, before temperature,
+        penalties, biases and grammar), with the ``job.logprobs`` most likely tokens."""
+        row = self._greedy.row(running.batch_index)
+        highest = float(row.max())
+        log_total = highest + float(np.log(np.exp(row - highest, dtype=np.float64).sum()))
+        top: tuple[tuple[bytes, float], ...] = ()
+        wanted = running.job.logprobs or 0
+        if wanted:
+            best = np.argpartition(row, -wanted)[-wanted:]
+            best = best[np.argsort(-row[best], kind="stable")]
+            top = tuple((self.pieces(int(t))[0], float(row[t]) - log_total) for t in best)
+        return TokenLogprob(token=self.pieces(token)[0], logprob=float(row[token]) - log_total, top=top)
+
     # --- leaving --------------------------------------------------------------------------------------------
 
     def _finish(self, running: _Running, reason: FinishReason) -> None:
@@ -534,7 +555,7 @@ class GGUFEngine:
             tail = running.assembler.flush()
             if tail:
                 running.sink.text(tail)
-            running.sink.finished(reason, running.produced)
+            running.sink.finished(reason, running.produced, running.logprobs)
         except Exception:
             log.exception("a token sink failed while finishing job %d", running.job.job_id)
 

@@ -118,6 +118,18 @@ class SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         Meta(description="Constrain the answer to JSON (`json_object`) or to a JSON schema (`json_schema`)."),
     ] = None
     grammar: Grammar | None = None
+    logprobs: (
+        Annotated[
+            int,
+            Meta(
+                ge=0,
+                le=20,
+                description="Return each answer token's log probability (the model's raw distribution) with this many "
+                "most likely alternatives.",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class ChatRequest(SamplingFields, kw_only=True, forbid_unknown_fields=True):
@@ -202,12 +214,29 @@ FinishReasonField = Annotated[
 ]
 
 
+class TopToken(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+
+
+class TokenLogprobs(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+    top_logprobs: list[TopToken]
+
+
+LogprobsField = Annotated[
+    list[TokenLogprobs] | None, Meta(description="One per answer token when `logprobs` was asked for; else null.")
+]
+
+
 class ChatResponse(msgspec.Struct, kw_only=True):
     response: Annotated[str, Meta(description="The assistant's answer.")]
     model_info: ModelInfo
     usage: Usage
     finish_reason: FinishReasonField
     timings: Timings
+    logprobs: LogprobsField = None
 
 
 class GenerateResponse(msgspec.Struct, kw_only=True):
@@ -216,6 +245,7 @@ class GenerateResponse(msgspec.Struct, kw_only=True):
     usage: Usage
     finish_reason: FinishReasonField
     timings: Timings
+    logprobs: LogprobsField = None
 
 
 class StreamDone(msgspec.Struct, kw_only=True):
@@ -225,6 +255,7 @@ class StreamDone(msgspec.Struct, kw_only=True):
     usage: Usage
     model_info: ModelInfo
     timings: Timings
+    logprobs: LogprobsField = None
 
 
 class Health(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -13,7 +13,7 @@ Nothing a request asks for is silently ignored. Every field OpenAI defines is de
 - **Tools**: ``tools``, ``tool_choice`` (``none``, ``auto``, ``required``, a named function), assistant messages with
   ``tool_calls`` and ``role: "tool"`` messages: see :mod:`innova_smollm.http.openai.tools`.
 - **Refused with a 400 naming the field** when they ask for something (a null, ``false`` or default value is fine):
-  the legacy ``functions``/``function_call``, ``logprobs``/``top_logprobs``, ``n`` > 1, ``audio``,
+  the legacy ``functions``/``function_call``, ``n`` > 1, ``audio``,
   ``modalities`` other than ``["text"]``, ``prediction``, ``reasoning_effort``, ``verbosity``,
   ``web_search_options``; on ``/v1/completions`` also ``echo``, ``best_of`` > 1 and ``suffix``; a ``response_format``
   type other than the three above; a JSON schema construct the grammar cannot enforce (see
@@ -30,6 +30,9 @@ Other decisions a caller may need to know:
 - ``finish_reason`` is ``stop`` or ``length``. The native ``timeout`` (SMOLLM_REQUEST_TIMEOUT_S ran out while
   generating) maps to ``length``: the answer was cut by a server limit, which OpenAI clients read as truncation.
   ``cancelled`` (the client went away) maps to ``stop``; no connected client ever receives it.
+- ``logprobs`` (chat: ``logprobs: true`` + ``top_logprobs`` up to 20; completions: ``logprobs`` up to 5) are the
+  model's raw distribution at each step (before temperature, penalties, biases and grammar). A streamed answer
+  carries them all in its last chunk (the one with ``finish_reason``), which the SDK's accumulators merge as usual.
 - Non-text content parts are refused with a 400 rather than answered with less than was asked.
 - Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``; ``code`` is the native error type
   (``context_length_exceeded``, ``queue_full``, ``not_ready``...), and an over-long prompt's message starts like
@@ -172,8 +175,13 @@ class ChatCompletionRequest(Sampling, kw_only=True, forbid_unknown_fields=True):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     functions: Refused = None
     function_call: Refused = None
-    logprobs: Refused = None
-    top_logprobs: Refused = None
+    logprobs: Annotated[bool | None, Meta(description="Return each answer token's log probability.")] = None
+    top_logprobs: (
+        Annotated[
+            int, Meta(ge=0, le=20, description="With logprobs: the most likely tokens at each position, up to 20.")
+        ]
+        | None
+    ) = None
     audio: Refused = None
     modalities: Refused = None
     prediction: Refused = None
@@ -184,7 +192,12 @@ class ChatCompletionRequest(Sampling, kw_only=True, forbid_unknown_fields=True):
 
 class CompletionRequest(Sampling, kw_only=True, forbid_unknown_fields=True):
     prompt: Annotated[str | list[str], Meta(description="The text to continue; a list must hold exactly one.")]
-    logprobs: Refused = None
+    logprobs: (
+        Annotated[
+            int, Meta(ge=0, le=5, description="Each token's log probability and the most likely tokens, up to 5.")
+        ]
+        | None
+    ) = None
     echo: Refused = None
     best_of: Refused = None
     suffix: Refused = None
@@ -207,11 +220,29 @@ class AssistantMessage(msgspec.Struct, kw_only=True):
     tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
 
 
+class TopLogprob(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(msgspec.Struct, kw_only=True):
+    content: list[TokenLogprobOut] | None
+    refusal: list[TokenLogprobOut] | None = None
+
+
 class ChatChoice(msgspec.Struct, kw_only=True):
     index: int = 0
     message: AssistantMessage
     finish_reason: OpenAIFinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(msgspec.Struct, kw_only=True):
@@ -246,7 +277,7 @@ class ChunkChoice(msgspec.Struct, kw_only=True):
     index: int = 0
     delta: Delta
     finish_reason: OpenAIFinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct, kw_only=True):
@@ -259,11 +290,18 @@ class ChatCompletionChunk(msgspec.Struct, kw_only=True):
     system_fingerprint: str | None = None
 
 
+class CompletionLogprobs(msgspec.Struct, kw_only=True):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(msgspec.Struct, kw_only=True):
     index: int = 0
     text: str
     finish_reason: OpenAIFinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(msgspec.Struct, kw_only=True):

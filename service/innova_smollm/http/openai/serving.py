@@ -23,9 +23,11 @@ from innova_smollm.http.openai.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChoiceLogprobs,
     ChunkChoice,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     ContentPart,
     Delta,
@@ -33,8 +35,10 @@ from innova_smollm.http.openai.protocol import (
     FunctionDelta,
     OpenAIFinishReason,
     Sampling,
+    TokenLogprobOut,
     ToolCall,
     ToolCallDelta,
+    TopLogprob,
     Usage,
 )
 from innova_smollm.http.openai.tools import ParsedCall, ToolPlan, may_be_a_call, parse_call, plan_tools, render_messages
@@ -48,8 +52,6 @@ _HARMLESS: dict[str, tuple[tuple[object, ...], str]] = {
     "n": ((None, 1), "this server returns one choice"),
     "functions": ((None, []), "function calls are not supported"),
     "function_call": ((None, "none"), "function calls are not supported"),
-    "logprobs": ((None, False), "log probabilities are not supported yet"),
-    "top_logprobs": ((None, 0), "log probabilities are not supported yet"),
     "audio": ((None,), "this model reads and writes text only"),
     "modalities": ((None, ["text"]), "this model writes text only"),
     "prediction": ((None,), "predicted outputs are not supported"),
@@ -80,6 +82,15 @@ def tool_plan_of(request: ChatCompletionRequest) -> ToolPlan | None:
     return plan_tools(request.tools, request.tool_choice)
 
 
+def _logprobs_of(request: Sampling) -> int | None:
+    if isinstance(request, ChatCompletionRequest):
+        if request.top_logprobs is not None and not request.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs: true", field="top_logprobs")
+        return (request.top_logprobs or 0) if request.logprobs else None
+    assert isinstance(request, CompletionRequest)
+    return request.logprobs
+
+
 def options_of(request: Sampling, plan: ToolPlan | None = None) -> RequestOptions:
     _refuse_what_is_asked(request, _HARMLESS)
     if isinstance(request, ChatCompletionRequest):
@@ -100,6 +111,7 @@ def options_of(request: Sampling, plan: ToolPlan | None = None) -> RequestOption
         stop=tuple(stop),
         seed=None if request.seed is None else request.seed % 2**32,
         constraint=_constraint(request, plan),
+        logprobs=_logprobs_of(request),
     )
 
 
@@ -164,6 +176,45 @@ def finish_reason_of(reason: FinishReason) -> OpenAIFinishReason:
     return _FINISH_REASONS[reason]
 
 
+def _token_text(token: bytes) -> str:
+    return token.decode("utf-8", errors="replace")
+
+
+def chat_logprobs_of(outcome: Outcome) -> ChoiceLogprobs | None:
+    if outcome.logprobs is None:
+        return None
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprobOut(
+                token=_token_text(entry.token),
+                logprob=entry.logprob,
+                bytes=list(entry.token),
+                top_logprobs=[
+                    TopLogprob(token=_token_text(token), logprob=logprob, bytes=list(token))
+                    for token, logprob in entry.top
+                ],
+            )
+            for entry in outcome.logprobs
+        ]
+    )
+
+
+def completion_logprobs_of(outcome: Outcome) -> CompletionLogprobs | None:
+    if outcome.logprobs is None:
+        return None
+    tokens = [_token_text(entry.token) for entry in outcome.logprobs]
+    offsets, offset = [], 0
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=[entry.logprob for entry in outcome.logprobs],
+        top_logprobs=[{_token_text(token): logprob for token, logprob in entry.top} for entry in outcome.logprobs],
+        text_offset=offsets,
+    )
+
+
 def usage_of(outcome: Outcome) -> Usage:
     return Usage(
         prompt_tokens=outcome.prompt_tokens,
@@ -207,7 +258,7 @@ class ChatAnswer(Answer):
         else:
             tool_call = ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
             message, reason = AssistantMessage(content=None, tool_calls=[tool_call]), "tool_calls"
-        choice = ChatChoice(message=message, finish_reason=reason)
+        choice = ChatChoice(message=message, finish_reason=reason, logprobs=chat_logprobs_of(outcome))
         return ChatCompletion(
             id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage_of(outcome)
         )
@@ -241,7 +292,8 @@ class ChatAnswer(Answer):
                 chunks.append(self._chunk([ChunkChoice(delta=Delta(content="".join(self._held)))]))
             reason = finish_reason_of(outcome.finish_reason)
         self._held = None
-        chunks.append(self._chunk([ChunkChoice(delta=Delta(), finish_reason=reason)]))
+        logprobs = chat_logprobs_of(outcome)
+        chunks.append(self._chunk([ChunkChoice(delta=Delta(), finish_reason=reason, logprobs=logprobs)]))
         return chunks
 
     def usage(self, outcome: Outcome) -> ChatCompletionChunk:
@@ -255,7 +307,9 @@ class CompletionAnswer(Answer):
     prefix = "cmpl"
 
     def whole(self, outcome: Outcome) -> Completion:
-        return self._chunk(outcome.text, finish_reason_of(outcome.finish_reason), usage_of(outcome))
+        return self._chunk(
+            outcome.text, finish_reason_of(outcome.finish_reason), usage_of(outcome), completion_logprobs_of(outcome)
+        )
 
     def opening(self) -> list[Completion]:
         return []
@@ -264,13 +318,19 @@ class CompletionAnswer(Answer):
         return self._chunk(text, None)
 
     def closing_chunks(self, outcome: Outcome) -> list[Completion]:
-        return [self._chunk("", finish_reason_of(outcome.finish_reason))]
+        return [self._chunk("", finish_reason_of(outcome.finish_reason), logprobs=completion_logprobs_of(outcome))]
 
     def usage(self, outcome: Outcome) -> Completion:
         return Completion(id=self.id, created=self.created, model=self.model, choices=[], usage=usage_of(outcome))
 
-    def _chunk(self, text: str, finish_reason: OpenAIFinishReason | None, usage: Usage | None = None) -> Completion:
-        choice = CompletionChoice(text=text, finish_reason=finish_reason)
+    def _chunk(
+        self,
+        text: str,
+        finish_reason: OpenAIFinishReason | None,
+        usage: Usage | None = None,
+        logprobs: CompletionLogprobs | None = None,
+    ) -> Completion:
+        choice = CompletionChoice(text=text, finish_reason=finish_reason, logprobs=logprobs)
         return Completion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
 
 
