@@ -138,3 +138,12 @@ def test_step_profile_refuses_a_malformed_variable(model_path: Path) -> None:
     result = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
     assert "'KV': expected NAME=VALUE" in result.stderr
+
+
+def test_structured_bench_prints_constrained_against_free(model_path: Path) -> None:
+    argv = [sys.executable, "scripts/bench_structured.py", "--model", str(model_path), "--rounds", "1"]
+    argv += ["--clients", "1", "--max-tokens", "12"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=240, check=False, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 1, done.stdout

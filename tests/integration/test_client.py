@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import email.utils
 import http.server
+import json
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import pytest
 import requests
 import tenacity
@@ -493,3 +495,21 @@ def test_an_answer_that_is_not_json_is_unexpected() -> None:
         pytest.raises(UnexpectedResponseError, match="not JSON"),
     ):
         client.info()
+
+
+def test_response_format_comes_back_parsed(live: LiveServer) -> None:
+    class Pet(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=12)
+        legs: int
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    with SmolLMClient(live.url) as client:
+        pet = client.chat("Describe a pet.", response_format=Pet, max_tokens=40, temperature=0)
+        assert pet.finish_reason == "stop" and isinstance(pet.parsed, Pet)
+        answer = client.generate("Is it OK? JSON: ", response_format=schema, max_tokens=20, temperature=0)
+        assert answer.parsed == json.loads(answer.text) and isinstance(answer.parsed["ok"], bool)
+        plain = client.chat("Hi", response_format={"type": "json_object"}, max_tokens=30, temperature=0)
+        assert plain.finish_reason != "stop" or isinstance(plain.parsed, dict)
+        with pytest.raises(BadRequestError) as caught:
+            client.chat("Hi", response_format={"type": "integer", "minimum": 1}, max_tokens=4)
+        assert caught.value.field == "response_format.json_schema.schema"

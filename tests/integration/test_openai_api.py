@@ -143,7 +143,7 @@ def test_over_long_prompt_is_bad_request_with_context_length_exceeded(client: op
     assert "maximum context length is 1024 tokens" in error.message
 
 
-def test_unknown_fields_and_content_parts_are_accepted(client: openai.OpenAI) -> None:
+def test_metadata_sampling_fields_and_content_parts_are_accepted(client: openai.OpenAI) -> None:
     completion = client.chat.completions.create(
         model=MODEL,
         messages=[
@@ -157,13 +157,30 @@ def test_unknown_fields_and_content_parts_are_accepted(client: openai.OpenAI) ->
         stop=["\n\n"],
         n=1,
         user="someone",
-        frequency_penalty=0.0,
-        presence_penalty=0.0,
-        logit_bias={},
-        extra_body={"an_unknown_field": {"nested": True}, "top_k": 5},
+        metadata={"team": "koryxa"},
+        store=False,
+        service_tier="auto",
+        frequency_penalty=0.5,
+        presence_penalty=0.5,
+        logit_bias={"0": -100},
+        logprobs=False,
+        modalities=["text"],
+        tool_choice="none",
+        extra_body={"top_k": 5, "min_p": 0.1, "repeat_penalty": 1.1},
     )
     assert completion.choices[0].message.content
     assert completion.usage is not None and completion.usage.completion_tokens <= 6
+
+
+def test_unknown_fields_are_400s_naming_them(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"an_unknown_field": {"nested": True}},
+        )
+    assert caught.value.param == "an_unknown_field"
+    assert "an_unknown_field" in caught.value.message
 
 
 @pytest.mark.parametrize(
@@ -173,7 +190,8 @@ def test_unknown_fields_and_content_parts_are_accepted(client: openai.OpenAI) ->
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 100_000}, "max_tokens"),
         ({"n": 2}, "n"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]},
             "messages[0].content[0]",

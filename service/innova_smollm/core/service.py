@@ -18,8 +18,17 @@ from enum import StrEnum
 from typing import Protocol
 
 from innova_smollm.core.admission import Admission, Ticket
+from innova_smollm.core.schema import ConstraintKind, OutputConstraint
 from innova_smollm.core.sinks import AsyncSink, BlockingSink, Event, Failed, Finished, Started, Text
-from innova_smollm.core.types import ChatMessage, Engine, FinishReason, GenerationJob, ModelMetadata, SamplingParams
+from innova_smollm.core.types import (
+    ChatMessage,
+    Engine,
+    FinishReason,
+    GenerationJob,
+    ModelMetadata,
+    SamplingParams,
+    TokenLogprob,
+)
 from innova_smollm.errors import (
     ContextLengthExceededError,
     GenerationError,
@@ -57,8 +66,20 @@ class RequestOptions:
     temperature: float = 0.7
     top_p: float = 0.95
     top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    #: (token id, bias); ids are checked against the vocabulary when the request is prepared.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    #: What the answer must be (JSON, JSON valid against a schema, a GBNF grammar); None: free text.
+    constraint: OutputConstraint | None = None
+    #: None: no log probabilities; k: each answer token's with the k most likely alternatives.
+    logprobs: int | None = None
+    #: The request field that holds ``logit_bias``, for error messages.
+    logit_bias_field: str = "logit_bias"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +107,8 @@ class Outcome:
     queue_s: float
     first_token_s: float | None
     total_s: float
+    #: One per answer token when the request asked for log probabilities.
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -130,7 +153,9 @@ class _Collector:
             self.first_token_at = produced_at
         self.parts.append(chunk)
 
-    def outcome(self, reason: FinishReason, completion_tokens: int) -> Outcome:
+    def outcome(
+        self, reason: FinishReason, completion_tokens: int, logprobs: tuple[TokenLogprob, ...] | None = None
+    ) -> Outcome:
         now = time.monotonic()
         arrived = self.prepared.arrived_at
         return Outcome(
@@ -143,6 +168,7 @@ class _Collector:
             queue_s=self.queue_s,
             first_token_s=None if self.first_token_at is None else self.first_token_at - arrived,
             total_s=now - arrived,
+            logprobs=logprobs,
         )
 
 
@@ -275,6 +301,7 @@ class ModelService:
             )
         unavailable = self._unavailable()
         if unavailable is not None:
+            self._check_echo_can_answer(options)
             return self._echo(_last_user_text(messages), unavailable)
         assert self._engine is not None
         try:
@@ -293,6 +320,7 @@ class ModelService:
             raise InvalidRequestError("prompt must not be empty", field="prompt")
         unavailable = self._unavailable()
         if unavailable is not None:
+            self._check_echo_can_answer(options)
             return self._echo(prompt, unavailable)
         assert self._engine is not None
         return self._local(self._engine.tokenize(prompt), options, prompt)
@@ -304,11 +332,79 @@ class ModelService:
                 "(SMOLLM_MAX_TOKENS)",
                 field="max_tokens",
             )
+        if options.constraint is not None and options.stop:
+            # A stop string could cut the constrained text anywhere and still say `stop`: refused, not ignored.
+            raise InvalidRequestError(
+                f"stop cannot be combined with {options.constraint.field}: a stop string could end the answer "
+                "before the constrained text is complete",
+                field="stop",
+            )
         if len(options.stop) > self.settings.max_stop_sequences:
             raise InvalidRequestError(
                 f"{len(options.stop)} stop strings exceed the limit of {self.settings.max_stop_sequences}",
                 field="stop",
             )
+
+    def _check_echo_can_answer(self, options: RequestOptions) -> None:
+        """The echo provider repeats text: it cannot honour an output constraint, so such a request is refused."""
+        if options.logprobs is not None:
+            raise InvalidRequestError(
+                "logprobs need the local model, and the echo provider is answering", field="logprobs"
+            )
+        if options.constraint is not None:
+            raise InvalidRequestError(
+                f"{options.constraint.field} needs the local model, and the echo provider is answering "
+                f"({'PROVIDER=echo' if self.settings.provider is Provider.ECHO else 'the model is not loaded'})",
+                field=options.constraint.field,
+            )
+
+    # --- tokens ---------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        return self._serving_engine().tokenize_text(text, add_special=add_special, parse_special=parse_special)
+
+    def token_bytes(self, tokens: Sequence[int], *, field: str = "tokens") -> list[bytes]:
+        engine = self._serving_engine()
+        pieces = []
+        for index, token in enumerate(tokens):
+            try:
+                pieces.append(engine.token_bytes(token))
+            except ValueError as exc:
+                raise InvalidRequestError(str(exc), field=f"{field}[{index}]") from None
+        return pieces
+
+    def _serving_engine(self) -> Engine:
+        if self._unavailable() is not None or self._engine is None:
+            raise NotReadyError(self._state.value, "the tokenizer needs the local model, which is not serving")
+        return self._engine
+
+    def _grammar(self, constraint: OutputConstraint | None) -> str | None:
+        """The checked GBNF of an output constraint (400 naming the field when llama.cpp cannot use it)."""
+        if constraint is None:
+            return None
+        assert self._engine is not None
+        if constraint.kind is ConstraintKind.GRAMMAR:
+            grammar = constraint.grammar or ""
+        else:
+            try:
+                grammar = self._engine.json_schema_grammar(constraint.schema)
+            except InvalidRequestError as exc:
+                raise InvalidRequestError(f"{constraint.field}: {exc.message}", field=constraint.field) from None
+        error = self._engine.grammar_error(grammar)
+        if error is not None:
+            raise InvalidRequestError(f"{constraint.field}: {error}", field=constraint.field)
+        return grammar
+
+    def _check_logit_bias(self, options: RequestOptions) -> None:
+        if not options.logit_bias or self._engine is None:
+            return
+        n_vocab = self._engine.metadata.vocab_size
+        for token, _bias in options.logit_bias:
+            if not 0 <= token < n_vocab:
+                raise InvalidRequestError(
+                    f"logit_bias names token {token}, outside the vocabulary (0 to {n_vocab - 1})",
+                    field=f"{options.logit_bias_field}.{token}",
+                )
 
     def _unavailable(self) -> str | None:
         """None when the local model can serve; else the echo fallback's reason. Raises when nothing can serve."""
@@ -344,14 +440,26 @@ class ModelService:
             max_tokens = options.max_tokens
             if prompt_tokens + max_tokens > n_ctx:
                 raise ContextLengthExceededError(prompt_tokens=prompt_tokens, max_tokens=max_tokens, n_ctx=n_ctx)
+        self._check_logit_bias(options)
+        grammar = self._grammar(options.constraint)
         now = time.monotonic()
         job = GenerationJob(
             prompt_tokens=tuple(tokens),
             max_tokens=max_tokens,
             sampling=SamplingParams(
-                temperature=options.temperature, top_p=options.top_p, top_k=options.top_k, seed=options.seed
+                temperature=options.temperature,
+                top_p=options.top_p,
+                top_k=options.top_k,
+                min_p=options.min_p,
+                repeat_penalty=options.repeat_penalty,
+                frequency_penalty=options.frequency_penalty,
+                presence_penalty=options.presence_penalty,
+                logit_bias=options.logit_bias,
+                seed=options.seed,
             ),
             stop=options.stop,
+            grammar=grammar,
+            logprobs=options.logprobs,
             deadline=now + self.settings.request_timeout_s,
         )
         return Prepared(source=Source.LOCAL, prompt_tokens=prompt_tokens, job=job, echo_text=echo_text, arrived_at=now)
@@ -468,7 +576,7 @@ class ModelService:
             collector.on_text(event.text, event.produced_at)
             return event.text
         if isinstance(event, Finished):
-            outcome = collector.outcome(event.reason, event.completion_tokens)
+            outcome = collector.outcome(event.reason, event.completion_tokens, event.logprobs)
             self._admission.observe_duration(outcome.total_s)
             return self._observed(outcome)
         assert isinstance(event, Failed)

@@ -23,9 +23,10 @@ import queue
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from innova_smollm.core.types import FinishReason
+from innova_smollm.core.types import FinishReason, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Text:
 class Finished:
     reason: FinishReason
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -87,9 +89,11 @@ class _SinkBase:
             self._held_since = time.monotonic()
         self._held.append(chunk)
 
-    def finished(self, reason: FinishReason, completion_tokens: int) -> None:
+    def finished(
+        self, reason: FinishReason, completion_tokens: int, logprobs: Sequence[TokenLogprob] | None = None
+    ) -> None:
         self._hand_over_held_text()
-        self._put(Finished(reason, completion_tokens))
+        self._put(Finished(reason, completion_tokens, None if logprobs is None else tuple(logprobs)))
 
     def failed(self, error: Exception) -> None:
         # The text made before the failure still counts: whether anything was produced decides the echo fallback.

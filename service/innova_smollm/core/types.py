@@ -9,10 +9,10 @@ This module is pure: no llama_cpp, no litestar.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class FinishReason(StrEnum):
@@ -20,6 +20,16 @@ class FinishReason(StrEnum):
     LENGTH = "length"  #: max_tokens reached
     CANCELLED = "cancelled"  #: the caller went away
     TIMEOUT = "timeout"  #: SMOLLM_REQUEST_TIMEOUT_S ran out during generation
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenLogprob:
+    """One answer token's log probability under the model (its raw distribution: before temperature, penalties,
+    biases and grammar), and the most likely tokens at that position with theirs."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,13 +44,27 @@ class SamplingParams:
     top_p: float = 0.95
     top_k: int = 40
     min_p: float = 0.05
+    #: llama.cpp's penalties over the last tokens: multiplicative (1.0: off), and OpenAI's additive ones (0.0: off).
     repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    #: (token id, bias added to its logit), as OpenAI's ``logit_bias``.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     #: None draws a fresh seed per request; a fixed seed makes a sampled answer repeatable.
     seed: int | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def penalised(self) -> bool:
+        return self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits: the engine takes the argmax in place, without a chain."""
+        return self.greedy and not self.penalised and not self.logit_bias
 
 
 _job_ids = itertools.count(1)
@@ -52,6 +76,10 @@ class GenerationJob:
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
+    #: None: no log probabilities; k: each answer token's, with the k most likely alternatives (TokenLogprob).
+    logprobs: int | None = None
+    #: A GBNF grammar (root rule ``root``) the answer must follow token by token, already checked; None: free text.
+    grammar: str | None = None
     #: time.monotonic() after which generation stops with FinishReason.TIMEOUT.
     deadline: float = float("inf")
     job_id: int = field(default_factory=lambda: next(_job_ids))
@@ -81,8 +109,10 @@ class TokenSink(Protocol):
         """A piece of the answer, already cut at stop strings and at whole UTF-8 characters."""
         ...
 
-    def finished(self, reason: FinishReason, completion_tokens: int) -> None:
-        """The job ended; no call follows."""
+    def finished(
+        self, reason: FinishReason, completion_tokens: int, logprobs: Sequence[TokenLogprob] | None = None
+    ) -> None:
+        """The job ended; no call follows. ``logprobs``: one per answer token when the job asked for them."""
         ...
 
     def failed(self, error: Exception) -> None:
@@ -159,6 +189,24 @@ class Engine(Protocol):
 
     def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         """Tokens of the conversation rendered with the model's chat template, ready for the answer."""
+        ...
+
+    def tokenize_text(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        """Tokens of ``text`` as llama.cpp's /tokenize gives them: BOS only with ``add_special``, and special-token
+        text (``<|im_start|>``) read as the special token with ``parse_special``."""
+        ...
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token renders to, special tokens included (raises ValueError outside the vocabulary)."""
+        ...
+
+    def grammar_error(self, grammar: str) -> str | None:
+        """None when llama.cpp's grammar sampler accepts this GBNF (root rule ``root``), else why not."""
+        ...
+
+    def json_schema_grammar(self, schema: Mapping[str, Any] | None) -> str:
+        """GBNF for JSON that validates against ``schema`` (already checked by
+        :func:`innova_smollm.core.schema.check_schema`), or for any JSON object when ``schema`` is None."""
         ...
 
     def submit(self, job: GenerationJob, sink: TokenSink) -> None:

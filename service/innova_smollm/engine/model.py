@@ -125,6 +125,20 @@ class GGUFModel:
         tokens: list[int] = self.llama.tokenize(text.encode("utf-8"), add_bos=True, special=False)
         return tokens
 
+    def tokenize_text(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        tokens: list[int] = self.llama.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
+        return tokens
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token, special tokens rendered as their text (``<|im_end|>``)."""
+        size = 64
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            written = int(llama_cpp.llama_token_to_piece(self.vocab, token, buffer, size, 0, True))
+            if written >= 0:
+                return buffer.raw[:written]
+            size = -written
+
     def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         conversation: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
         rendered = self._chat_formatter(messages=conversation)

@@ -20,11 +20,12 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 from innova_smollm.core.types import (
     ChatMessage,
@@ -33,12 +34,21 @@ from innova_smollm.core.types import (
     JobFinish,
     ModelMetadata,
     PromptCacheStats,
+    TokenLogprob,
     TokenSink,
 )
 from innova_smollm.engine.detokenize import TextAssembler
+from innova_smollm.engine.grammar import json_schema_gbnf
 from innova_smollm.engine.kv_cache import MIN_SAVED_STATE_GAIN, choose_sequence, resolve_kv_layout
 from innova_smollm.engine.model import GGUFModel
-from innova_smollm.engine.sampling import LogitRows, new_sampler
+from innova_smollm.engine.sampling import (
+    Candidates,
+    LogitRows,
+    grammar_error,
+    new_grammar,
+    new_sampler,
+    shortlist_size,
+)
 from innova_smollm.engine.saved_states import SavedState, SavedStates
 from innova_smollm.engine.threads import ThreadCounts, ThreadGovernor, batch_threads, new_thread_governor
 from innova_smollm.errors import (
@@ -71,22 +81,32 @@ class _Running:
         "assembler",
         "batch_index",
         "fed",
+        "grammar",
         "job",
         "last_token",
+        "logprobs",
         "position",
         "prefilled",
         "produced",
         "reserved_cells",
         "sampler",
         "seq_id",
+        "shortlist",
         "sink",
     )
 
-    def __init__(self, job: GenerationJob, sink: TokenSink, seq_id: int, sampler: Any | None) -> None:
+    def __init__(
+        self, job: GenerationJob, sink: TokenSink, seq_id: int, sampler: Any | None, grammar: Any | None = None
+    ) -> None:
         self.job = job
         self.sink = sink
         self.seq_id = seq_id
         self.sampler = sampler
+        #: llama.cpp's grammar sampler when the answer is constrained (sampled lazily, see sampling.Candidates).
+        self.grammar = grammar
+        self.shortlist = shortlist_size(job.sampling) if grammar is not None else 0
+        #: Each answer token's log probability, when the job asked for them.
+        self.logprobs: list[TokenLogprob] | None = [] if job.logprobs is not None else None
         self.assembler = TextAssembler(job.stop)
         self.reserved_cells = len(job.prompt_tokens) + job.max_tokens
         #: How many prompt tokens are already in the KV cache; generation starts once all are.
@@ -149,7 +169,9 @@ class GGUFEngine:
         for i in range(self._n_batch):
             self._batch_n_seq_id[i] = 1
         self.pieces = self._model.pieces
-        self._greedy = LogitRows(self._ctx, self._model.llama.n_vocab())
+        self._n_vocab = int(self._model.llama.n_vocab())
+        self._greedy = LogitRows(self._ctx, self._n_vocab)
+        self._candidates = Candidates(self._ctx, self._n_vocab, self._greedy)
 
         self._inbox: queue.SimpleQueue[tuple[GenerationJob, TokenSink] | None] = queue.SimpleQueue()
         self._waiting: deque[tuple[GenerationJob, TokenSink]] = deque()
@@ -200,6 +222,23 @@ class GGUFEngine:
 
     def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         return self._model.tokenize_chat(messages)
+
+    def tokenize_text(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        return self._model.tokenize_text(text, add_special=add_special, parse_special=parse_special)
+
+    def token_bytes(self, token: int) -> bytes:
+        if not 0 <= token < self._n_vocab:
+            raise ValueError(f"token {token} is outside the vocabulary (0 to {self._n_vocab - 1})")
+        return self._model.token_bytes(token)
+
+    # --- constraints ----------------------------------------------------------------------------------------
+
+    def grammar_error(self, grammar: str) -> str | None:
+        # Parsing reads the vocabulary only, which no thread writes: safe beside the engine thread's decoding.
+        return grammar_error(self._vocab, grammar)
+
+    def json_schema_grammar(self, schema: Mapping[str, Any] | None) -> str:
+        return json_schema_gbnf(schema)
 
     # --- jobs -----------------------------------------------------------------------------------------------
 
@@ -293,11 +332,15 @@ class GGUFEngine:
             reused = self._reuse_prefix(seq_id, cached, prompt, reusable=reusable)
             # The sequence's cached cells become part of this job's reservation.
             self._free_cells += len(cached) - needed
-            running = _Running(job, sink, seq_id, new_sampler(job.sampling))
+            grammar = new_grammar(self._vocab, job.grammar) if job.grammar is not None else None
+            running = _Running(job, sink, seq_id, new_sampler(job.sampling, self._n_vocab), grammar)
             running.prefilled = running.position = reused
             self.prompt_tokens_reused += reused
             self.prompt_tokens_prefilled += len(prompt) - reused
             self._running[seq_id] = running
+            if job.grammar is not None and grammar is None:  # checked when prepared: llama.cpp changed its mind
+                self._abort(running, GenerationError("llama.cpp could not parse the request's grammar"))
+                continue
             try:
                 sink.started()
             except Exception as exc:
@@ -457,7 +500,9 @@ class GGUFEngine:
         sampled = [
             (
                 running,
-                self._greedy.highest(running.batch_index)
+                self._sample_constrained(running)
+                if running.grammar is not None
+                else self._greedy.highest(running.batch_index)
                 if running.sampler is None
                 else llama_cpp.llama_sampler_sample(running.sampler, self._ctx, running.batch_index),
             )
@@ -470,12 +515,17 @@ class GGUFEngine:
             except Exception as exc:  # a broken sink ends its own job only
                 self._abort(running, exc)
 
+    def _sample_constrained(self, running: _Running) -> int:
+        return self._candidates.sample(running.batch_index, running.sampler, running.grammar, running.shortlist)
+
     def _deliver(self, running: _Running, token: int) -> None:
         piece, ends_generation = self.pieces(token)
         if ends_generation:
             self._finish(running, FinishReason.STOP)
             return
         running.produced += 1
+        if running.logprobs is not None:
+            running.logprobs.append(self._logprob(running, token))
         fed = running.assembler.feed(piece)
         if fed.text:
             running.sink.text(fed.text)
@@ -486,6 +536,20 @@ class GGUFEngine:
         else:
             running.last_token = token
 
+    def _logprob(self, running: _Running, token: int) -> TokenLogprob:
+        """The token's log probability under the model's raw distribution (this step's logits, before temperature,
+        penalties, biases and grammar), with the ``job.logprobs`` most likely tokens."""
+        row = self._greedy.row(running.batch_index)
+        highest = float(row.max())
+        log_total = highest + float(np.log(np.exp(row - highest, dtype=np.float64).sum()))
+        top: tuple[tuple[bytes, float], ...] = ()
+        wanted = running.job.logprobs or 0
+        if wanted:
+            best = np.argpartition(row, -wanted)[-wanted:]
+            best = best[np.argsort(-row[best], kind="stable")]
+            top = tuple((self.pieces(int(t))[0], float(row[t]) - log_total) for t in best)
+        return TokenLogprob(token=self.pieces(token)[0], logprob=float(row[token]) - log_total, top=top)
+
     # --- leaving --------------------------------------------------------------------------------------------
 
     def _finish(self, running: _Running, reason: FinishReason) -> None:
@@ -495,7 +559,7 @@ class GGUFEngine:
             tail = running.assembler.flush()
             if tail:
                 running.sink.text(tail)
-            running.sink.finished(reason, running.produced)
+            running.sink.finished(reason, running.produced, running.logprobs)
         except Exception:
             log.exception("a token sink failed while finishing job %d", running.job.job_id)
 
@@ -512,6 +576,8 @@ class GGUFEngine:
             return
         if running.sampler is not None:
             llama_cpp.llama_sampler_free(running.sampler)
+        if running.grammar is not None:
+            llama_cpp.llama_sampler_free(running.grammar)
         seq_id = running.seq_id
         held: list[int] = []
         if keep_cache and self._prompt_cache:

@@ -141,8 +141,9 @@ async def _frames(stream: AsyncIterator[str | Outcome], wire: Wire, scope: Scope
             yield opening
         async for item in stream:
             if isinstance(item, str):
-                if item:
-                    yield wire.text(item)
+                # A wire may hold text back (a chat answer that may turn out a tool call): then it frames nothing.
+                if item and (text_frame := wire.text(item)):
+                    yield text_frame
                 continue
             finished = True
             note_outcome(scope, item)

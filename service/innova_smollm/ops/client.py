@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import json
 import logging
@@ -154,6 +155,9 @@ class Completion:
     model_info: dict[str, Any]
     #: queue_ms, first_token_ms, total_ms, tokens_per_second
     timings: dict[str, Any]
+    #: With ``response_format``: the answer parsed (JSON, or an instance of the pydantic model given), when it
+    #: finished with ``stop``; None otherwise (an answer cut by max_tokens is unfinished JSON).
+    parsed: Any = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -305,18 +309,23 @@ class SmolLMClient:
     ) -> Completion:
         """Answer a conversation. ``messages`` is a list of ``{"role", "content"}`` or one user message as a string.
 
-        ``options``: max_tokens, temperature, top_p, top_k, stop, seed (as the API names them).
+        ``options``: max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, frequency_penalty,
+        presence_penalty, logit_bias, stop, seed, grammar (as the API names them), and ``response_format``: the
+        API's own dict, a JSON schema (a dict), or a pydantic model class; with a schema or a model the answer is
+        constrained to it and comes back parsed in ``Completion.parsed`` (validated by the model's class).
         """
+        options, parse = _response_format(options)
         body = self._json("POST", f"{API}/chat", payload=_chat_payload(messages, options), timeout=timeout, retry=retry)
-        return _completion(body, text_key="response")
+        return parse(_completion(body, text_key="response"))
 
     def generate(
         self, prompt: str, *, timeout: Timeout | None = None, retry: RetryPolicy | None = None, **options: Any
     ) -> Completion:
-        """Continue raw text (no chat template)."""
+        """Continue raw text (no chat template); ``options`` as for :meth:`chat`."""
+        options, parse = _response_format(options)
         payload = {**_options(options), "prompt": prompt}
         body = self._json("POST", f"{API}/generate", payload=payload, timeout=timeout, retry=retry)
-        return _completion(body, text_key="text")
+        return parse(_completion(body, text_key="text"))
 
     def stream(
         self, messages: Messages, *, timeout: Timeout | None = None, retry: RetryPolicy | None = None, **options: Any
@@ -481,6 +490,43 @@ def _check_timeout(timeout: Timeout) -> Timeout:
     if not (connect > 0 and read > 0):
         raise ValueError(f"timeout must be a (connect, read) pair of positive seconds, not {timeout!r}")
     return (float(connect), float(read))
+
+
+#: ``response_format`` types of the API; any other dict given as ``response_format`` is a JSON schema.
+_FORMAT_TYPES: Final = frozenset({"text", "json_object", "json_schema"})
+
+
+def _response_format(options: Mapping[str, Any]) -> tuple[dict[str, Any], Callable[[Completion], Completion]]:
+    """The options with ``response_format`` in the API's shape, and how to parse the answer it asks for."""
+    wanted = options.get("response_format")
+    if wanted is None:
+        return dict(options), _unparsed
+    # Any pydantic v2 model class; duck-typed so that the client never imports pydantic.
+    model: Any = wanted if isinstance(wanted, type) and hasattr(wanted, "model_json_schema") else None
+    if model is not None:
+        schema = model.model_json_schema()
+        response_format = {"type": "json_schema", "json_schema": {"name": model.__name__, "schema": schema}}
+    elif isinstance(wanted, Mapping) and wanted.get("type") in _FORMAT_TYPES:
+        response_format = dict(wanted)
+    elif isinstance(wanted, Mapping):
+        response_format = {"type": "json_schema", "json_schema": {"name": "schema", "schema": dict(wanted)}}
+    else:
+        raise TypeError("response_format is a dict (the API's, or a JSON schema) or a pydantic model class")
+
+    def parse(completion: Completion) -> Completion:
+        if response_format["type"] == "text" or completion.finish_reason != "stop":
+            return completion
+        try:
+            parsed = model.model_validate_json(completion.text) if model is not None else json.loads(completion.text)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise UnexpectedResponseError(f"a constrained answer that does not parse: {exc}") from None
+        return dataclasses.replace(completion, parsed=parsed)
+
+    return {**options, "response_format": response_format}, parse
+
+
+def _unparsed(completion: Completion) -> Completion:
+    return completion
 
 
 def _options(options: Mapping[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,60 @@ TopK = Annotated[int, Meta(ge=0, le=1000, description="Keep only the K most like
 Seed = Annotated[
     int, Meta(ge=0, le=2**32 - 1, description="Fixes the random draw so the same request gives the same answer.")
 ]
+MinP = Annotated[
+    float, Meta(ge=0.0, le=1.0, description="Drop tokens less likely than this fraction of the most likely one.")
+]
+RepeatPenalty = Annotated[
+    float, Meta(gt=0.0, le=10.0, description="llama.cpp's repeat penalty over the last 64 tokens (1.0: off).")
+]
+FrequencyPenalty = Annotated[
+    float, Meta(ge=-2.0, le=2.0, description="Lowers a token's logit by this much per time it already appeared.")
+]
+PresencePenalty = Annotated[
+    float, Meta(ge=-2.0, le=2.0, description="Lowers a token's logit by this much once it has appeared at all.")
+]
+LogitBias = Annotated[
+    dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]],
+    Meta(
+        description="Token id (as a string, as OpenAI sends it) to a bias added to its logit, -100 to 100; -100 "
+        "in effect bans the token. Ids outside the vocabulary: 400."
+    ),
+]
+Grammar = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=200_000,
+        description="A GBNF grammar (llama.cpp's syntax, start rule `root`) the answer must follow. Invalid: 400.",
+    ),
+]
+
+
+class JSONSchemaFormat(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(max_length=64, description="The schema's name (metadata).")] | None = None
+    description: Annotated[str | None, Meta(description="What the schema is for (metadata).")] = None
+    schema: Annotated[
+        dict[str, Any] | None,
+        Meta(description="The JSON schema the answer must validate against; omitted: any JSON object."),
+    ] = None
+    strict: Annotated[
+        bool | None,
+        Meta(description="Accepted either way: the answer is always constrained to the schema, token by token."),
+    ] = None
+
+
+class ResponseFormat(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    type: Annotated[
+        str,
+        Meta(description="`text` (free text), `json_object` (any JSON object) or `json_schema`. Any other: 400."),
+    ]
+    json_schema: JSONSchemaFormat | None = None
+    schema: Annotated[
+        dict[str, Any] | None,
+        Meta(description='llama-cpp-python\'s shape: `{"type": "json_object", "schema": {...}}`.'),
+    ] = None
+
+
 StopList = Annotated[
     list[Annotated[str, Meta(min_length=1, max_length=200)]],
     Meta(description="Strings that end the answer when generated; they are not included in it."),
@@ -51,9 +105,31 @@ class SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     temperature: Temperature = 0.7
     top_p: TopP = 0.95
     top_k: TopK = 40
+    min_p: MinP = 0.05
+    repeat_penalty: RepeatPenalty = 1.0
+    frequency_penalty: FrequencyPenalty = 0.0
+    presence_penalty: PresencePenalty = 0.0
+    logit_bias: LogitBias | None = None
     stop: Stop | None = None
     seed: Seed | None = None
     stream: Stream = False
+    response_format: Annotated[
+        ResponseFormat | None,
+        Meta(description="Constrain the answer to JSON (`json_object`) or to a JSON schema (`json_schema`)."),
+    ] = None
+    grammar: Grammar | None = None
+    logprobs: (
+        Annotated[
+            int,
+            Meta(
+                ge=0,
+                le=20,
+                description="Return each answer token's log probability (the model's raw distribution) with this many "
+                "most likely alternatives.",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class ChatRequest(SamplingFields, kw_only=True, forbid_unknown_fields=True):
@@ -68,6 +144,38 @@ class GenerateRequest(SamplingFields, kw_only=True, forbid_unknown_fields=True):
         str,
         Meta(min_length=1, max_length=1_000_000, description="Raw text to continue; no chat template is applied."),
     ]
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """llama.cpp's ``/tokenize`` body."""
+
+    content: Annotated[str, Meta(max_length=1_000_000, description="The text to tokenize.")]
+    add_special: Annotated[
+        bool, Meta(description="Add the model's begin-of-sequence token, as a raw-text prompt gets it.")
+    ] = False
+    parse_special: Annotated[
+        bool, Meta(description="Read special-token text such as `<|im_start|>` as the special token.")
+    ] = True
+    with_pieces: Annotated[bool, Meta(description='Answer `{"id", "piece"}` per token instead of ids.')] = False
+
+
+class TokenPiece(msgspec.Struct, kw_only=True):
+    id: int
+    piece: Annotated[str | list[int], Meta(description="The token's text, or its bytes when they are not whole UTF-8.")]
+
+
+class TokenizeResponse(msgspec.Struct, kw_only=True):
+    tokens: list[int | TokenPiece]
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """llama.cpp's ``/detokenize`` body."""
+
+    tokens: Annotated[list[int], Meta(max_length=1_000_000, description="Token ids; outside the vocabulary: 400.")]
+
+
+class DetokenizeResponse(msgspec.Struct, kw_only=True):
+    content: Annotated[str, Meta(description="The tokens' text; bytes that are not whole UTF-8 become U+FFFD.")]
 
 
 class ModelInfo(msgspec.Struct, kw_only=True):
@@ -106,12 +214,29 @@ FinishReasonField = Annotated[
 ]
 
 
+class TopToken(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+
+
+class TokenLogprobs(msgspec.Struct, kw_only=True):
+    token: str
+    logprob: float
+    top_logprobs: list[TopToken]
+
+
+LogprobsField = Annotated[
+    list[TokenLogprobs] | None, Meta(description="One per answer token when `logprobs` was asked for; else null.")
+]
+
+
 class ChatResponse(msgspec.Struct, kw_only=True):
     response: Annotated[str, Meta(description="The assistant's answer.")]
     model_info: ModelInfo
     usage: Usage
     finish_reason: FinishReasonField
     timings: Timings
+    logprobs: LogprobsField = None
 
 
 class GenerateResponse(msgspec.Struct, kw_only=True):
@@ -120,6 +245,7 @@ class GenerateResponse(msgspec.Struct, kw_only=True):
     usage: Usage
     finish_reason: FinishReasonField
     timings: Timings
+    logprobs: LogprobsField = None
 
 
 class StreamDone(msgspec.Struct, kw_only=True):
@@ -129,6 +255,7 @@ class StreamDone(msgspec.Struct, kw_only=True):
     usage: Usage
     model_info: ModelInfo
     timings: Timings
+    logprobs: LogprobsField = None
 
 
 class Health(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -16,11 +16,16 @@ from innova_smollm.http.auth import PUBLIC
 from innova_smollm.http.native.protocol import (
     ChatRequest,
     ChatResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorBody,
     GenerateRequest,
     GenerateResponse,
     Health,
     Info,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenPiece,
 )
 from innova_smollm.http.native.serving import NativeWire, messages_from, options_from, service_info
 from innova_smollm.http.requestlog import note
@@ -40,6 +45,31 @@ async def prepare_chat(request: Request[Any, Any, Any], service: ModelService, d
     note(request.scope, messages=[{"role": m.role, "content": m.content} for m in data.messages])
     # Rendering the template and tokenizing a long conversation is CPU work: keep it off the event loop.
     return await anyio.to_thread.run_sync(service.prepare_chat, messages_from(data), options_from(data))
+
+
+def tokenize_text(service: ModelService, data: TokenizeRequest) -> TokenizeResponse:
+    tokens = service.tokenize(data.content, add_special=data.add_special, parse_special=data.parse_special)
+    if not data.with_pieces:
+        return TokenizeResponse(tokens=list(tokens))
+    pieces: list[int | TokenPiece] = []
+    for token, raw in zip(tokens, service.token_bytes(tokens), strict=True):
+        try:
+            piece: str | list[int] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            piece = list(raw)
+        pieces.append(TokenPiece(id=token, piece=piece))
+    return TokenizeResponse(tokens=pieces)
+
+
+def detokenize_tokens(service: ModelService, data: DetokenizeRequest) -> DetokenizeResponse:
+    return DetokenizeResponse(content=b"".join(service.token_bytes(data.tokens)).decode("utf-8", errors="replace"))
+
+
+TOKENIZE_DESCRIPTION = (
+    "llama.cpp's /tokenize: the model's tokens of `content`, with `add_special` (BOS) and `parse_special` "
+    "(special-token text), as ids or, with `with_pieces`, as `{id, piece}`. Lets a caller count and trim history."
+)
+DETOKENIZE_DESCRIPTION = "llama.cpp's /detokenize: the text of a list of token ids (special tokens as their text)."
 
 
 class NativeController(Controller):
@@ -79,6 +109,30 @@ class NativeController(Controller):
             request, service, prepared, NativeWire(service, chat=False), stream=data.stream
         )
         return result
+
+    @post(
+        "/tokenize",
+        summary="Tokenize text",
+        description=TOKENIZE_DESCRIPTION,
+        status_code=HTTP_200_OK,
+        responses=ERROR_RESPONSES,
+    )
+    async def tokenize(
+        self, data: JSONBody[TokenizeRequest], service: NamedDependency[ModelService]
+    ) -> TokenizeResponse:
+        return await anyio.to_thread.run_sync(tokenize_text, service, data)
+
+    @post(
+        "/detokenize",
+        summary="Token ids to text",
+        description=DETOKENIZE_DESCRIPTION,
+        status_code=HTTP_200_OK,
+        responses=ERROR_RESPONSES,
+    )
+    async def detokenize(
+        self, data: JSONBody[DetokenizeRequest], service: NamedDependency[ModelService]
+    ) -> DetokenizeResponse:
+        return await anyio.to_thread.run_sync(detokenize_tokens, service, data)
 
     @get("/info", summary="Model and service metadata", sync_to_thread=False)
     def info(self, service: NamedDependency[ModelService]) -> Info:
@@ -129,3 +183,34 @@ def health_response(service: ModelService) -> Response[Health]:
         status_code=HTTP_503_SERVICE_UNAVAILABLE,
         headers=headers,
     )
+
+
+class TokensController(Controller):
+    """The token endpoints at llama.cpp's paths (``/tokenize``, ``/detokenize``)."""
+
+    path = "/"
+    tags = ["tokens"]
+
+    @post(
+        "/tokenize",
+        summary="Tokenize text (llama.cpp's shape)",
+        description=TOKENIZE_DESCRIPTION,
+        status_code=HTTP_200_OK,
+        responses=ERROR_RESPONSES,
+    )
+    async def tokenize(
+        self, data: JSONBody[TokenizeRequest], service: NamedDependency[ModelService]
+    ) -> TokenizeResponse:
+        return await anyio.to_thread.run_sync(tokenize_text, service, data)
+
+    @post(
+        "/detokenize",
+        summary="Token ids to text (llama.cpp's shape)",
+        description=DETOKENIZE_DESCRIPTION,
+        status_code=HTTP_200_OK,
+        responses=ERROR_RESPONSES,
+    )
+    async def detokenize(
+        self, data: JSONBody[DetokenizeRequest], service: NamedDependency[ModelService]
+    ) -> DetokenizeResponse:
+        return await anyio.to_thread.run_sync(detokenize_tokens, service, data)

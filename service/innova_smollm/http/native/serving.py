@@ -10,6 +10,7 @@ from typing import Any
 
 from innova_smollm.core.service import ModelService, Outcome, RequestOptions
 from innova_smollm.core.types import ChatMessage
+from innova_smollm.http.constraints import constraint_of, logit_bias_of
 from innova_smollm.http.errors import ErrorFormat, native_error
 from innova_smollm.http.native.protocol import (
     ChatRequest,
@@ -20,6 +21,8 @@ from innova_smollm.http.native.protocol import (
     SamplingFields,
     StreamDone,
     Timings,
+    TokenLogprobs,
+    TopToken,
     Usage,
 )
 from innova_smollm.http.streaming import frame
@@ -32,13 +35,37 @@ def options_from(data: SamplingFields) -> RequestOptions:
         temperature=data.temperature,
         top_p=data.top_p,
         top_k=data.top_k,
+        min_p=data.min_p,
+        repeat_penalty=data.repeat_penalty,
+        frequency_penalty=data.frequency_penalty,
+        presence_penalty=data.presence_penalty,
+        logit_bias=logit_bias_of(data.logit_bias),
         stop=tuple(stop),
         seed=data.seed,
+        constraint=constraint_of(data.response_format, data.grammar),
+        logprobs=data.logprobs,
     )
 
 
 def messages_from(data: ChatRequest) -> list[ChatMessage]:
     return [ChatMessage(role=m.role, content=m.content) for m in data.messages]
+
+
+def logprobs_of(outcome: Outcome) -> list[TokenLogprobs] | None:
+    if outcome.logprobs is None:
+        return None
+
+    def text(token: bytes) -> str:
+        return token.decode("utf-8", errors="replace")
+
+    return [
+        TokenLogprobs(
+            token=text(entry.token),
+            logprob=entry.logprob,
+            top_logprobs=[TopToken(token=text(token), logprob=logprob) for token, logprob in entry.top],
+        )
+        for entry in outcome.logprobs
+    ]
 
 
 def usage_of(outcome: Outcome) -> Usage:
@@ -131,6 +158,7 @@ class NativeWire:
                 usage=usage,
                 finish_reason=outcome.finish_reason.value,
                 timings=timings,
+                logprobs=logprobs_of(outcome),
             )
         return GenerateResponse(
             text=outcome.text,
@@ -138,6 +166,7 @@ class NativeWire:
             usage=usage,
             finish_reason=outcome.finish_reason.value,
             timings=timings,
+            logprobs=logprobs_of(outcome),
         )
 
     def opening(self) -> Sequence[bytes]:
@@ -152,6 +181,7 @@ class NativeWire:
             usage=usage_of(outcome),
             model_info=model_info_of(self._service, outcome),
             timings=timings_of(outcome),
+            logprobs=logprobs_of(outcome),
         )
         return (frame("done", done),)
 

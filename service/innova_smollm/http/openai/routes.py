@@ -27,6 +27,7 @@ from innova_smollm.http.openai.serving import (
     options_of,
     prompt_of,
     served_model,
+    tool_plan_of,
 )
 from innova_smollm.http.requestlog import note
 from innova_smollm.http.streaming import answer
@@ -39,8 +40,10 @@ class OpenAIController(Controller):
     @post(
         "/chat/completions",
         summary="Chat completion (OpenAI-compatible)",
-        description="The OpenAI Chat Completions API for the local model. Unknown fields are ignored; `model` is "
-        "ignored (one model is served); `stream: true` answers as SSE `data:` chunks ending with `data: [DONE]`.",
+        description="The OpenAI Chat Completions API for the local model, with response_format (JSON, JSON schema) and "
+        "tools. Unknown fields and fields asking for what this server does not do are 400s naming them; metadata "
+        "(`model`, `user`, `metadata`, ...) is ignored; `stream: true` answers as SSE `data:` chunks ending with "
+        "`data: [DONE]`.",
         status_code=HTTP_200_OK,
     )
     async def chat_completions(
@@ -49,12 +52,13 @@ class OpenAIController(Controller):
         data: JSONBody[oai.ChatCompletionRequest],
         service: NamedDependency[ModelService],
     ) -> oai.ChatCompletion | Response[Any]:
-        messages = messages_of(data)
-        options = options_of(data)
+        plan = tool_plan_of(data)
+        messages = messages_of(data, plan)
+        options = options_of(data, plan)
         note(request.scope, messages=[{"role": m.role, "content": m.content} for m in messages])
         # Rendering the template and tokenizing a long conversation is CPU work: keep it off the event loop.
         prepared = await anyio.to_thread.run_sync(service.prepare_chat, messages, options)
-        wire = OpenAIWire(ChatAnswer(model_name(service, prepared)), include_usage=data.include_usage)
+        wire = OpenAIWire(ChatAnswer(model_name(service, prepared), plan), include_usage=data.include_usage)
         result: oai.ChatCompletion | Response[Any] = await answer(request, service, prepared, wire, stream=data.stream)
         return result
 

@@ -11,9 +11,11 @@ from collections.abc import Sequence
 
 import msgspec
 
+from innova_smollm.core.schema import OutputConstraint
 from innova_smollm.core.service import ModelService, Outcome, Prepared, RequestOptions
 from innova_smollm.core.types import ChatMessage, FinishReason
 from innova_smollm.errors import InvalidRequestError
+from innova_smollm.http.constraints import constraint_of, logit_bias_of
 from innova_smollm.http.errors import ErrorFormat, openai_error
 from innova_smollm.http.openai.protocol import (
     AssistantMessage,
@@ -21,40 +23,120 @@ from innova_smollm.http.openai.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChoiceLogprobs,
     ChunkChoice,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     ContentPart,
     Delta,
+    FunctionCall,
+    FunctionDelta,
     OpenAIFinishReason,
     Sampling,
+    TokenLogprobOut,
+    ToolCall,
+    ToolCallDelta,
+    TopLogprob,
     Usage,
 )
+from innova_smollm.http.openai.tools import ParsedCall, ToolPlan, may_be_a_call, parse_call, plan_tools, render_messages
 from innova_smollm.http.streaming import frame
 
 DONE = b"data: [DONE]\n\n"
 
 
-def options_of(request: Sampling) -> RequestOptions:
-    if request.n not in (None, 1):
-        raise InvalidRequestError(f"n={request.n} is not supported: this server returns one choice", field="n")
+#: Per refused field, the values that ask for nothing (and so may be sent), and what the refusal says.
+_HARMLESS: dict[str, tuple[tuple[object, ...], str]] = {
+    "n": ((None, 1), "this server returns one choice"),
+    "functions": ((None, []), "function calls are not supported"),
+    "function_call": ((None, "none"), "function calls are not supported"),
+    "audio": ((None,), "this model reads and writes text only"),
+    "modalities": ((None, ["text"]), "this model writes text only"),
+    "prediction": ((None,), "predicted outputs are not supported"),
+    "reasoning_effort": ((None,), "this model does not reason before answering"),
+    "verbosity": ((None,), "verbosity is not supported"),
+    "web_search_options": ((None,), "this server does not search the web"),
+    "echo": ((None, False), "echoing the prompt is not supported"),
+    "best_of": ((None, 1), "this server returns one choice"),
+    "suffix": ((None, ""), "insertion (suffix) is not supported"),
+}
+
+#: The same for fields of a message.
+_HARMLESS_IN_MESSAGES: dict[str, tuple[tuple[object, ...], str]] = {
+    "refusal": ((None,), "refusals are not supported"),
+    "audio": ((None,), "this model reads text only"),
+    "function_call": ((None,), "function calls are not supported"),
+}
+
+
+def _refuse_what_is_asked(owner: object, rules: dict[str, tuple[tuple[object, ...], str]], prefix: str = "") -> None:
+    for name, (harmless, why) in rules.items():
+        value = getattr(owner, name, None)
+        if not any(value == ok and type(value) is type(ok) for ok in harmless):
+            raise InvalidRequestError(f"{prefix}{name}={value!r} is not supported: {why}", field=f"{prefix}{name}")
+
+
+def tool_plan_of(request: ChatCompletionRequest) -> ToolPlan | None:
+    return plan_tools(request.tools, request.tool_choice)
+
+
+def _logprobs_of(request: Sampling) -> int | None:
+    if isinstance(request, ChatCompletionRequest):
+        if request.top_logprobs is not None and not request.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs: true", field="top_logprobs")
+        return (request.top_logprobs or 0) if request.logprobs else None
+    assert isinstance(request, CompletionRequest)
+    return request.logprobs
+
+
+def options_of(request: Sampling, plan: ToolPlan | None = None) -> RequestOptions:
+    _refuse_what_is_asked(request, _HARMLESS)
+    if isinstance(request, ChatCompletionRequest):
+        for index, message in enumerate(request.messages):
+            _refuse_what_is_asked(message, _HARMLESS_IN_MESSAGES, f"messages[{index}].")
     stop = request.stop if isinstance(request.stop, list) else [request.stop] if request.stop else []
     defaults = RequestOptions()
     return RequestOptions(
         max_tokens=request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens,
         temperature=defaults.temperature if request.temperature is None else request.temperature,
         top_p=defaults.top_p if request.top_p is None else request.top_p,
+        top_k=defaults.top_k if request.top_k is None else request.top_k,
+        min_p=defaults.min_p if request.min_p is None else request.min_p,
+        repeat_penalty=defaults.repeat_penalty if request.repeat_penalty is None else request.repeat_penalty,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        presence_penalty=request.presence_penalty or 0.0,
+        logit_bias=logit_bias_of(request.logit_bias),
         stop=tuple(stop),
         seed=None if request.seed is None else request.seed % 2**32,
+        constraint=_constraint(request, plan),
+        logprobs=_logprobs_of(request),
     )
 
 
-def messages_of(request: ChatCompletionRequest) -> list[ChatMessage]:
-    return [
-        ChatMessage(role="system" if m.role == "developer" else m.role, content=_text_of(m.content, index))
-        for index, m in enumerate(request.messages)
-    ]
+def _constraint(request: Sampling, plan: ToolPlan | None) -> OutputConstraint | None:
+    constraint = constraint_of(request.response_format)
+    if plan is None or not plan.forced:
+        return constraint
+    if constraint is not None:
+        raise InvalidRequestError(
+            "response_format cannot constrain an answer that must be a tool call (tool_choice required or named)",
+            field="response_format",
+        )
+    return plan.constraint()
+
+
+def messages_of(request: ChatCompletionRequest, plan: ToolPlan | None = None) -> list[ChatMessage]:
+    for index, message in enumerate(request.messages):
+        if message.role == "tool" and not message.tool_call_id:
+            raise InvalidRequestError("a tool message needs tool_call_id", field=f"messages[{index}].tool_call_id")
+        if message.role != "tool" and message.tool_call_id is not None:
+            raise InvalidRequestError("tool_call_id belongs on tool messages", field=f"messages[{index}].tool_call_id")
+        if message.role != "assistant" and message.tool_calls:
+            raise InvalidRequestError("tool_calls belong on assistant messages", field=f"messages[{index}].tool_calls")
+    texts = [_text_of(m.content, index) for index, m in enumerate(request.messages)]
+    return render_messages(request.messages, plan, texts)
 
 
 def _text_of(content: str | list[ContentPart] | None, index: int) -> str:
@@ -94,6 +176,45 @@ def finish_reason_of(reason: FinishReason) -> OpenAIFinishReason:
     return _FINISH_REASONS[reason]
 
 
+def _token_text(token: bytes) -> str:
+    return token.decode("utf-8", errors="replace")
+
+
+def chat_logprobs_of(outcome: Outcome) -> ChoiceLogprobs | None:
+    if outcome.logprobs is None:
+        return None
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprobOut(
+                token=_token_text(entry.token),
+                logprob=entry.logprob,
+                bytes=list(entry.token),
+                top_logprobs=[
+                    TopLogprob(token=_token_text(token), logprob=logprob, bytes=list(token))
+                    for token, logprob in entry.top
+                ],
+            )
+            for entry in outcome.logprobs
+        ]
+    )
+
+
+def completion_logprobs_of(outcome: Outcome) -> CompletionLogprobs | None:
+    if outcome.logprobs is None:
+        return None
+    tokens = [_token_text(entry.token) for entry in outcome.logprobs]
+    offsets, offset = [], 0
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=[entry.logprob for entry in outcome.logprobs],
+        top_logprobs=[{_token_text(token): logprob for token, logprob in entry.top} for entry in outcome.logprobs],
+        text_offset=offsets,
+    )
+
+
 def usage_of(outcome: Outcome) -> Usage:
     return Usage(
         prompt_tokens=outcome.prompt_tokens,
@@ -114,11 +235,30 @@ class Answer:
 
 
 class ChatAnswer(Answer):
+    """A chat answer; with tools offered, the text may turn out a tool call (see :mod:`.tools`)."""
+
     prefix = "chatcmpl"
 
+    def __init__(self, model: str, plan: ToolPlan | None = None) -> None:
+        super().__init__(model)
+        self._plan = plan if plan is not None and plan.active else None
+        #: Streamed text held back while it may still be a tool call.
+        self._held: list[str] | None = [] if self._plan is not None else None
+
+    def _call(self, outcome: Outcome) -> ParsedCall | None:
+        if self._plan is None or outcome.finish_reason is not FinishReason.STOP:
+            return None
+        return parse_call(outcome.text, self._plan)
+
     def whole(self, outcome: Outcome) -> ChatCompletion:
-        message = AssistantMessage(content=outcome.text)
-        choice = ChatChoice(message=message, finish_reason=finish_reason_of(outcome.finish_reason))
+        call = self._call(outcome)
+        if call is None:
+            message = AssistantMessage(content=outcome.text)
+            reason = finish_reason_of(outcome.finish_reason)
+        else:
+            tool_call = ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+            message, reason = AssistantMessage(content=None, tool_calls=[tool_call]), "tool_calls"
+        choice = ChatChoice(message=message, finish_reason=reason, logprobs=chat_logprobs_of(outcome))
         return ChatCompletion(
             id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage_of(outcome)
         )
@@ -127,11 +267,34 @@ class ChatAnswer(Answer):
         # OpenAI opens a stream with the role, then sends content deltas, then an empty delta with finish_reason.
         return [self._chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])]
 
-    def text(self, text: str) -> ChatCompletionChunk:
+    def text(self, text: str) -> ChatCompletionChunk | None:
+        if self._held is not None:
+            self._held.append(text)
+            held = "".join(self._held)
+            if may_be_a_call(held):
+                return None  # sent as a call or as text once the answer is complete
+            self._held = None
+            text = held
         return self._chunk([ChunkChoice(delta=Delta(content=text))])
 
-    def closing(self, outcome: Outcome) -> ChatCompletionChunk:
-        return self._chunk([ChunkChoice(delta=Delta(), finish_reason=finish_reason_of(outcome.finish_reason))])
+    def closing_chunks(self, outcome: Outcome) -> list[ChatCompletionChunk]:
+        chunks = []
+        call = self._call(outcome) if self._held is not None else None
+        if call is not None:
+            # OpenAI's shape: the call's id, type and name first, then its arguments.
+            head = ToolCallDelta(index=0, id=call.id, type="function", function=FunctionDelta(name=call.name))
+            arguments = ToolCallDelta(index=0, function=FunctionDelta(arguments=call.arguments))
+            chunks.append(self._chunk([ChunkChoice(delta=Delta(tool_calls=[head]))]))
+            chunks.append(self._chunk([ChunkChoice(delta=Delta(tool_calls=[arguments]))]))
+            reason: OpenAIFinishReason = "tool_calls"
+        else:
+            if self._held:
+                chunks.append(self._chunk([ChunkChoice(delta=Delta(content="".join(self._held)))]))
+            reason = finish_reason_of(outcome.finish_reason)
+        self._held = None
+        logprobs = chat_logprobs_of(outcome)
+        chunks.append(self._chunk([ChunkChoice(delta=Delta(), finish_reason=reason, logprobs=logprobs)]))
+        return chunks
 
     def usage(self, outcome: Outcome) -> ChatCompletionChunk:
         return self._chunk([], usage_of(outcome))
@@ -144,7 +307,9 @@ class CompletionAnswer(Answer):
     prefix = "cmpl"
 
     def whole(self, outcome: Outcome) -> Completion:
-        return self._chunk(outcome.text, finish_reason_of(outcome.finish_reason), usage_of(outcome))
+        return self._chunk(
+            outcome.text, finish_reason_of(outcome.finish_reason), usage_of(outcome), completion_logprobs_of(outcome)
+        )
 
     def opening(self) -> list[Completion]:
         return []
@@ -152,14 +317,20 @@ class CompletionAnswer(Answer):
     def text(self, text: str) -> Completion:
         return self._chunk(text, None)
 
-    def closing(self, outcome: Outcome) -> Completion:
-        return self._chunk("", finish_reason_of(outcome.finish_reason))
+    def closing_chunks(self, outcome: Outcome) -> list[Completion]:
+        return [self._chunk("", finish_reason_of(outcome.finish_reason), logprobs=completion_logprobs_of(outcome))]
 
     def usage(self, outcome: Outcome) -> Completion:
         return Completion(id=self.id, created=self.created, model=self.model, choices=[], usage=usage_of(outcome))
 
-    def _chunk(self, text: str, finish_reason: OpenAIFinishReason | None, usage: Usage | None = None) -> Completion:
-        choice = CompletionChoice(text=text, finish_reason=finish_reason)
+    def _chunk(
+        self,
+        text: str,
+        finish_reason: OpenAIFinishReason | None,
+        usage: Usage | None = None,
+        logprobs: CompletionLogprobs | None = None,
+    ) -> Completion:
+        choice = CompletionChoice(text=text, finish_reason=finish_reason, logprobs=logprobs)
         return Completion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
 
 
@@ -180,10 +351,11 @@ class OpenAIWire:
         return [frame(None, chunk) for chunk in self._answer.opening()]
 
     def text(self, text: str) -> bytes:
-        return frame(None, self._answer.text(text))
+        chunk = self._answer.text(text)
+        return b"" if chunk is None else frame(None, chunk)
 
     def closing(self, outcome: Outcome) -> Sequence[bytes]:
-        frames = [frame(None, self._answer.closing(outcome))]
+        frames = [frame(None, chunk) for chunk in self._answer.closing_chunks(outcome)]
         if self._include_usage:
             frames.append(frame(None, self._answer.usage(outcome)))
         return [*frames, DONE]
