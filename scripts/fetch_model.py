@@ -150,7 +150,8 @@ BUILT = (production_shape.MODEL_NAME,)
 
 def build(name: str, dest: Path, cache_dir: Path | None, *, rebuild: bool) -> Path:
     missing = [module for module in ("numpy", "gguf", "llama_cpp") if importlib.util.find_spec(module) is None]
-    if missing:
+    cached = not rebuild and production_shape.cached_model(cache_dir, verify_sha256=False) is not None
+    if missing and not cached:
         raise SystemExit(
             f"{name} is built with {missing}, which {sys.executable} lacks: run this with the dev venv's python "
             f"(scripts/dev setup; .venv/bin/python scripts/fetch_model.py {name})"
