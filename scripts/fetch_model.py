@@ -148,10 +148,17 @@ def fetch(name: str, dest: Path) -> Path:
 BUILT = (production_shape.MODEL_NAME,)
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules, as tests block imports
+        return False
+
+
 def build(name: str, dest: Path, cache_dir: Path | None, *, rebuild: bool) -> Path:
-    missing = [module for module in ("numpy", "gguf", "llama_cpp") if importlib.util.find_spec(module) is None]
     cached = not rebuild and production_shape.cached_model(cache_dir, verify_sha256=False) is not None
-    if missing and not cached:
+    missing = [] if cached else [module for module in ("numpy", "gguf", "llama_cpp") if not _importable(module)]
+    if missing:
         raise SystemExit(
             f"{name} is built with {missing}, which {sys.executable} lacks: run this with the dev venv's python "
             f"(scripts/dev setup; .venv/bin/python scripts/fetch_model.py {name})"

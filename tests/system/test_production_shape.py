@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 import production_shape as ps  # scripts/ is not a package
 
-pytestmark = [pytest.mark.production_shape, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.system, pytest.mark.production_shape, pytest.mark.timeout(1800)]
 
 BOS, START_HEADER, END_HEADER, EOT = 128000, 128006, 128007, 128009
 SYSTEM, USER, ASSISTANT, DOUBLE_NEWLINE = 9125, 882, 78191, 271
