@@ -17,6 +17,11 @@ four, and ``direct-io`` is reachable only through the low-level API):
 ``-norepack`` adds ``use_extra_bufts = false``: no repacked copy, the kernels read the Q4_K tensors in place.
 ``/4seq`` adds ``n_seq_max = 4, kv_unified = true`` (the batched engine's context; still one decoding sequence).
 
+Decode speed needs a quiet machine: when more threads are runnable than there are cores, OpenMP's spinning
+workers make llama.cpp's decode 5-10x slower (0.3 instead of 1.9 tok/s for this shape at a load average of 8 on
+2 cores). ``OMP_WAIT_POLICY=PASSIVE`` in the environment (the children inherit it) compares the settings more
+fairly then; the memory figures do not depend on it.
+
 ``--cold`` adds rounds where the model's pages are first dropped from the page cache (posix_fadvise DONTNEED on the
 file: only this file, and only pages no other process maps; the host's disk cache may still be warm: "cold-ish").
 
@@ -164,10 +169,14 @@ def measure(model_path: Path, setting: Setting, *, n_ctx: int, threads: int, tok
     prefill_started = time.perf_counter()
     token = decode(list(buffer[:n_prompt]))
     prefill_s = time.perf_counter() - prefill_started
+    cpu_started = time.process_time()
     decode_started = time.perf_counter()
     for _ in range(tokens):
         token = decode([token])
     decode_s = time.perf_counter() - decode_started
+    # CPU time of all threads: with OMP_WAIT_POLICY=PASSIVE (no spinning) the work per token, which a busy machine
+    # stretches far less than it stretches the wall time.
+    decode_cpu_ms = (time.process_time() - cpu_started) * 1000 / tokens
     after_gen = read_status()
     # A short generation touches a few KV cells only, and untouched pages of the KV buffer are not resident yet.
     # Clearing the cache with data=true writes every byte of it: the resident size of a full context.
@@ -187,6 +196,7 @@ def measure(model_path: Path, setting: Setting, *, n_ctx: int, threads: int, tok
         "prefill_tokens": n_prompt,
         "prefill_tok_s": n_prompt / prefill_s,
         "decode_tok_s": tokens / decode_s,
+        "decode_cpu_ms_per_token": decode_cpu_ms,
         "baseline": baseline,
         "after_load": after_load,
         "after_gen": after_gen,
@@ -219,10 +229,11 @@ def _median_range(values: list[float], fmt: str) -> str:
 def table(samples: list[dict[str, Any]], settings: list[str]) -> str:
     head = (
         "| setting | load s, warm | load s, cold-ish | after load: RSS / RssAnon / RssFile MiB "
-        "| after gen: RSS / RssAnon / RssFile MiB | KV written: RSS MiB | decode tok/s | prefill tok/s "
+        "| after gen: RSS / RssAnon / RssFile MiB | KV written: RSS MiB | decode tok/s | decode CPU ms/token "
+        "| prefill tok/s "
         "| budget MiB | KV written: RSS - budget MiB |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for name in settings:
         warm = [s for s in samples if s["setting"] == name and not s["cold"]]
         cold = [s for s in samples if s["setting"] == name and s["cold"]]
@@ -244,6 +255,7 @@ def table(samples: list[dict[str, Any]], settings: list[str]) -> str:
             f"| {_median_range([s['load_s'] for s in cold], '.2f')} | {memory['after_load']} | {memory['after_gen']} "
             f"| {_median_range(mib('after_kv_clear', 'VmRSS'), '.0f')} "
             f"| {_median_range([s['decode_tok_s'] for s in warm], '.2f')} "
+            f"| {_median_range([s['decode_cpu_ms_per_token'] for s in warm], '.0f')} "
             f"| {_median_range([s['prefill_tok_s'] for s in warm], '.1f')} | {budget:.0f} "
             f"| {_median_range(over, '+.0f')} |"
         )
@@ -289,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"round {round_index + 1}{' cold-ish' if cold else ''} {name}: load {sample['load_s']:.2f} s, "
                 f"RSS {after['VmRSS'] / MIB:.0f} MiB (anon {after['RssAnon'] / MIB:.0f}, file "
-                f"{after['RssFile'] / MIB:.0f}), decode {sample['decode_tok_s']:.2f} tok/s, "
+                f"{after['RssFile'] / MIB:.0f}), decode {sample['decode_tok_s']:.2f} tok/s "
+                f"({sample['decode_cpu_ms_per_token']:.0f} CPU ms/token), "
                 f"page cache before {sample['page_cache_before']}, load average {sample['loadavg_1m']:.1f}",
                 flush=True,
             )
