@@ -91,7 +91,7 @@ class RecordingSink:
             if self._cancel_after is not None and len(self.chunks) >= self._cancel_after:
                 self._cancel.set()
 
-    def finished(self, reason: FinishReason, completion_tokens: int) -> None:
+    def finished(self, reason: FinishReason, completion_tokens: int, logprobs: object = None) -> None:
         with self._lock:
             self.reason, self.completion_tokens = reason, completion_tokens
             self.finished_at = time.monotonic()

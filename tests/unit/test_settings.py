@@ -23,6 +23,7 @@ def test_defaults_follow_the_contract(tmp_path: Path) -> None:
     assert settings.log_content is False
     assert settings.adaptive_threads is True
     assert settings.kv_layout is KVLayout.AUTO
+    assert settings.use_mmap is False
     assert (settings.head_timeout_s, settings.io_timeout_s, settings.keep_alive_s) == (10.0, 30.0, 5)
     # Four times what the engine admits (4 running + 8 waiting), at least 64.
     assert settings.max_requests == 64
@@ -55,6 +56,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
             "SMOLLM_ADAPTIVE_THREADS": "false",
             "SMOLLM_KV_LAYOUT": "per_sequence",
             "SMOLLM_PROMPT_CACHE_MB": "0",
+            "SMOLLM_USE_MMAP": "true",
             "SMOLLM_HEAD_TIMEOUT_S": "2.5",
             "SMOLLM_IO_TIMEOUT_S": "7",
             "SMOLLM_KEEP_ALIVE_S": "20",
@@ -75,6 +77,7 @@ def test_every_variable_is_read(tmp_path: Path) -> None:
     assert settings.adaptive_threads is False
     assert settings.kv_layout is KVLayout.PER_SEQUENCE
     assert settings.prompt_cache_mb == 0
+    assert settings.use_mmap is True
     assert (settings.head_timeout_s, settings.io_timeout_s, settings.keep_alive_s) == (2.5, 7.0, 20)
     assert settings.max_requests == 300
 

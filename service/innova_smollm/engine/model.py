@@ -245,5 +245,6 @@ def _construct(path: Path, settings: Settings, n_gpu_layers: int) -> llama_cpp.L
         n_gpu_layers=n_gpu_layers,
         flash_attn=settings.flash_attention_for(n_gpu_layers, several_sequences=False),
         n_batch=min(512, settings.n_ctx),
+        use_mmap=settings.use_mmap,
         verbose=False,
     )
