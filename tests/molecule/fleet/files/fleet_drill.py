@@ -72,11 +72,14 @@ def request(host: str, port: int, kind: str, max_tokens: int, timeout: float, pr
         record["server"] = resp.getheader("X-Innova-Backend")
         if kind == "whole":
             data = resp.read()
-            answer = json.loads(data) if data else {}
+            try:
+                answer = json.loads(data) if data else {}
+            except ValueError:
+                answer = {}
             record["ok"] = resp.status == 200 and isinstance(answer.get("response"), str)
             record["model"] = (answer.get("model_info") or {}).get("model_name")
             if not record["ok"]:
-                record["error"] = data[:200].decode("utf-8", "replace")
+                record["error"] = f"HTTP {resp.status}: " + data[:160].decode("utf-8", "replace")
         else:
             events: list[str] = []
             event = None
@@ -112,7 +115,7 @@ class Load:
     """Workers sending requests one after the other (streamed and whole answers alternating) until stopped."""
 
     def __init__(self, url: str, concurrency: int, max_tokens: int, max_requests: int, max_seconds: float,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 180.0) -> None:
         self.host, self.port = loopback_target(url)
         self.concurrency = concurrency
         self.max_tokens = max_tokens
@@ -221,7 +224,7 @@ def drill_slots(args: argparse.Namespace) -> dict[str, Any]:
     servers = args.servers.split(",")
     results: list[dict[str, Any]] = []
     threads = [
-        threading.Thread(target=lambda: results.append(request(host, port, "long", args.max_tokens, 120)))
+        threading.Thread(target=lambda: results.append(request(host, port, "long", args.max_tokens, 300)))
         for _ in range(args.requests)
     ]
     for thread in threads:
@@ -238,7 +241,7 @@ def drill_slots(args: argparse.Namespace) -> dict[str, Any]:
             break
         time.sleep(0.05)
     for thread in threads:
-        thread.join(180)
+        thread.join(330)
     ok = sum(r["ok"] for r in results)
     facts: dict[str, Any] = {"seen": seen, "last_stat": last if seen is None else None, "ok": ok,
                              "requests": len(results), "failures": tally(results)["failures"]}
@@ -311,12 +314,12 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=7)
     parser.add_argument("--victim", default="innova-molecule-fleet-2")
     parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--max-requests", type=int, default=600)
     parser.add_argument("--max-seconds", type=float, default=300)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--after-down", type=float, default=4.0)
-    parser.add_argument("--rejoin-timeout", type=float, default=90.0)
+    parser.add_argument("--rejoin-timeout", type=float, default=120.0)
     parser.add_argument("--out")
     parser.add_argument("--stop-file")
     args = parser.parse_args()
