@@ -31,7 +31,7 @@ CHAT = "/innova/api/smollm/chat"
 GENERATE = "/innova/api/smollm/generate"
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 # Hard bounds on any load this script makes, whatever the arguments say.
-MAX_REQUESTS = 2000
+MAX_REQUESTS = 3000
 MAX_SECONDS = 900
 
 
@@ -115,10 +115,13 @@ class Load:
     """Workers sending requests one after the other (streamed and whole answers alternating) until stopped."""
 
     def __init__(self, url: str, concurrency: int, max_tokens: int, max_requests: int, max_seconds: float,
-                 timeout: float = 180.0) -> None:
+                 timeout: float = 180.0, stream_max_tokens: int | None = None) -> None:
         self.host, self.port = loopback_target(url)
         self.concurrency = concurrency
         self.max_tokens = max_tokens
+        # Streams may be longer than whole answers, so that a drain has running requests to wait for.
+        self.stream_max_tokens = stream_max_tokens or max_tokens
+        self.stopped_by = "stop"
         self.max_requests = min(max_requests, MAX_REQUESTS)
         self.deadline = time.time() + min(max_seconds, MAX_SECONDS)
         self.timeout = timeout
@@ -130,17 +133,22 @@ class Load:
 
     def _work(self, index: int) -> None:
         n = index
-        while not self.stop.is_set() and time.time() < self.deadline:
+        while not self.stop.is_set():
             with self._lock:
+                if time.time() >= self.deadline:
+                    self.stopped_by = "max-seconds"
+                    return
                 if self._count >= self.max_requests:
+                    self.stopped_by = "max-requests"
                     return
                 self._count += 1
             kind = "stream" if n % 2 == 0 else "whole"
             n += 1
-            record = request(self.host, self.port, kind, self.max_tokens, self.timeout)
+            tokens = self.stream_max_tokens if kind == "stream" else self.max_tokens
+            record = request(self.host, self.port, kind, tokens, self.timeout)
             with self._lock:
                 self.records.append(record)
-            time.sleep(0.05)
+            time.sleep(0.1)
 
     def start(self) -> "Load":
         for thread in self._threads:
@@ -205,16 +213,25 @@ def wait_status(lb: str, backend: str, server: str, prefix: str, timeout: float)
 
 def drill_load(args: argparse.Namespace) -> dict[str, Any]:
     stop_file = Path(args.stop_file)
-    load = Load(args.url, args.concurrency, args.max_tokens, args.max_requests, args.max_seconds).start()
-    while not stop_file.exists() and time.time() < load.deadline:
+    load = Load(args.url, args.concurrency, args.max_tokens, args.max_requests, args.max_seconds,
+                stream_max_tokens=args.stream_max_tokens).start()
+    while not stop_file.exists() and time.time() < load.deadline and load.stopped_by == "stop":
         time.sleep(0.2)
+    if load.stopped_by != "stop":
+        stopped_by = load.stopped_by
+    else:
+        stopped_by = "stop file" if stop_file.exists() else "max-seconds"
     records = load.finish()
     facts = tally(records)
+    # The load must have lasted until the stop file (the end of the upgrade), not run out of its bounds before.
+    facts["stopped_by"] = stopped_by
+    facts["first_start"] = records[0]["start"] if records else None
+    facts["last_end"] = max((r["end"] for r in records), default=None)
     Path(args.out).write_text(json.dumps(records))
     facts["summary"] = (
         f"load during the rolling upgrade: {facts['requests']} requests ({facts['streamed']} streamed, "
         f"{facts['whole']} whole), {facts['failed']} failed, {facts['streams_without_done']} streams without "
-        f"their done event; answered by {facts['ok_by_server']}"
+        f"their done event; answered by {facts['ok_by_server']}; stopped by the {stopped_by}"
     )
     return facts
 
@@ -315,6 +332,7 @@ def main() -> int:
     parser.add_argument("--victim", default="innova-molecule-fleet-2")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--stream-max-tokens", type=int, default=None, help="max_tokens of streams (load)")
     parser.add_argument("--max-requests", type=int, default=600)
     parser.add_argument("--max-seconds", type=float, default=300)
     parser.add_argument("--warmup", type=float, default=2.0)
