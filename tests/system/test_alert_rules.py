@@ -94,8 +94,12 @@ def _promtool() -> str:
         pytest.fail("promtool is missing and only root can install it: apt-get install prometheus")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"], check=True, env=env,
-                   capture_output=True)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     return shutil.which("promtool") or pytest.fail("apt-get installed prometheus but no promtool is on PATH")
 
 
@@ -108,12 +112,30 @@ def _ansible_playbook() -> str:
 
 
 def _render(out: Path, *extra: str) -> Path:
-    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     proc = subprocess.run(
-        [_ansible_playbook(), "-i", "inventories/production", "playbooks/monitoring.yml",
-         "-e", "innova_monitoring_hosts=localhost", "-e", f"innova_monitoring_dir={out}",
-         "-e", "innova_monitoring_become=false", *extra],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        [
+            _ansible_playbook(),
+            "-i",
+            "inventories/production",
+            "playbooks/monitoring.yml",
+            "-e",
+            "innova_monitoring_hosts=localhost",
+            "-e",
+            f"innova_monitoring_dir={out}",
+            "-e",
+            "innova_monitoring_become=false",
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     return out
@@ -144,8 +166,9 @@ def _bucket_series(name: str, host: str, buckets: list[str], filled: str, per_mi
     reached = False
     for le in buckets:
         reached = reached or le == filled
-        series.append({"series": f'{name}_bucket{{host="{host}",le="{le}"}}',
-                       "values": f"0+{per_min if reached else 0}x40"})
+        series.append(
+            {"series": f'{name}_bucket{{host="{host}",le="{le}"}}', "values": f"0+{per_min if reached else 0}x40"}
+        )
     return series
 
 
@@ -172,7 +195,10 @@ def _rule_tests(rules_file: str) -> dict[str, object]:
         {"series": 'smollm_rejections_total{reason="queue_full",host="b1"}', "values": "0+2x20"},
         {"series": 'smollm_rejections_total{reason="queue_full",host="b2"}', "values": "0+0.5x20"},
         {"series": 'haproxy_frontend_http_responses_total{proxy="smollm_in",code="5xx",host="lb"}', "values": "0+3x20"},
-        {"series": 'haproxy_frontend_http_responses_total{proxy="smollm_in",code="2xx",host="lb"}', "values": "0+100x20"},
+        {
+            "series": 'haproxy_frontend_http_responses_total{proxy="smollm_in",code="2xx",host="lb"}',
+            "values": "0+100x20",
+        },
         # First token: b1's requests take 10-30 s, b2's under 1 s.
         *_bucket_series("smollm_time_to_first_token_seconds", "b1", ttft, "30", 10),
         *_bucket_series("smollm_time_to_first_token_seconds", "b2", ttft, "1", 10),
@@ -180,10 +206,22 @@ def _rule_tests(rules_file: str) -> dict[str, object]:
         *_bucket_series("smollm_time_per_output_token_seconds", "b1", per_token, "0.5", 100),
         *_bucket_series("smollm_time_per_output_token_seconds", "b2", per_token, "0.02", 100),
         # Disk: b1 5 % free, b2 50 %.
-        {"series": 'node_filesystem_avail_bytes{job="innova-node",mountpoint="/",fstype="ext4",host="b1"}', "values": "5x30"},
-        {"series": 'node_filesystem_size_bytes{job="innova-node",mountpoint="/",fstype="ext4",host="b1"}', "values": "100x30"},
-        {"series": 'node_filesystem_avail_bytes{job="innova-node",mountpoint="/",fstype="ext4",host="b2"}', "values": "50x30"},
-        {"series": 'node_filesystem_size_bytes{job="innova-node",mountpoint="/",fstype="ext4",host="b2"}', "values": "100x30"},
+        {
+            "series": 'node_filesystem_avail_bytes{job="innova-node",mountpoint="/",fstype="ext4",host="b1"}',
+            "values": "5x30",
+        },
+        {
+            "series": 'node_filesystem_size_bytes{job="innova-node",mountpoint="/",fstype="ext4",host="b1"}',
+            "values": "100x30",
+        },
+        {
+            "series": 'node_filesystem_avail_bytes{job="innova-node",mountpoint="/",fstype="ext4",host="b2"}',
+            "values": "50x30",
+        },
+        {
+            "series": 'node_filesystem_size_bytes{job="innova-node",mountpoint="/",fstype="ext4",host="b2"}',
+            "values": "100x30",
+        },
         # Health-check cron: b1 exits 2 (CRITICAL) and its last run is stuck at t=0; b2 exits 0 every minute.
         {"series": 'innova_healthcheck_last_exit_code{host="b1"}', "values": "2x30"},
         {"series": 'innova_healthcheck_last_exit_code{host="b2"}', "values": "0x30"},
@@ -194,8 +232,11 @@ def _rule_tests(rules_file: str) -> dict[str, object]:
     alerts = [
         _alert("InnovaTargetDown", "1m", []),  # pending: for 2m
         _alert("InnovaTargetDown", "3m", [{**crit, "job": "innova-smollm", "host": "b1", "instance": "b1:8000"}]),
-        _alert("InnovaBackendOutOfBalancer", "3m",
-               [{**crit, "proxy": "smollm", "server": "b1", "state": "DOWN", "host": "lb"}]),
+        _alert(
+            "InnovaBackendOutOfBalancer",
+            "3m",
+            [{**crit, "proxy": "smollm", "server": "b1", "state": "DOWN", "host": "lb"}],
+        ),
         _alert("InnovaModelNotLoaded", "4m", []),  # for 5m
         _alert("InnovaModelNotLoaded", "6m", [{**crit, "host": "b1"}]),
         _alert("InnovaNoFreeSlot", "7m", []),  # the empty queue at minute 3 is still in the 5-minute window
@@ -207,8 +248,11 @@ def _rule_tests(rules_file: str) -> dict[str, object]:
         _alert("InnovaSlowDecode", "5m", []),
         _alert("InnovaSlowDecode", "15m", [{**warn, "host": "b1"}]),
         _alert("InnovaModelDiskNearlyFull", "10m", []),  # for 15m
-        _alert("InnovaModelDiskNearlyFull", "20m",
-               [{**warn, "job": "innova-node", "mountpoint": "/", "fstype": "ext4", "host": "b1"}]),
+        _alert(
+            "InnovaModelDiskNearlyFull",
+            "20m",
+            [{**warn, "job": "innova-node", "mountpoint": "/", "fstype": "ext4", "host": "b1"}],
+        ),
         _alert("InnovaHealthCheckFailing", "5m", []),  # for 10m
         _alert("InnovaHealthCheckFailing", "12m", [{**crit, "host": "b1"}]),
         _alert("InnovaHealthCheckNotRunning", "10m", []),  # 600 s < 900 s
@@ -241,7 +285,9 @@ def test_generated_files_pass_promtool_checks(rendered: Path, promtool: str) -> 
     assert backends == ["198.51.100.10:8000", "198.51.100.11:8000"]
     assert [t for sc in jobs["innova-haproxy"]["static_configs"] for t in sc["targets"]] == ["198.51.100.5:8404"]
     assert {sc["labels"]["host"] for sc in jobs["innova-smollm"]["static_configs"]} == {
-        "backend-1.example.invalid", "backend-2.example.invalid"}
+        "backend-1.example.invalid",
+        "backend-2.example.invalid",
+    }
 
 
 def test_every_alert_fires_when_it_should_and_only_then(rendered: Path, promtool: str, tmp_path: Path) -> None:
@@ -257,7 +303,9 @@ def test_every_alert_fires_when_it_should_and_only_then(rendered: Path, promtool
 
 def test_thresholds_are_variables(tmp_path: Path, promtool: str) -> None:
     """With a looser first-token threshold (60 s) and decode floor (1 token/s) b1 no longer fires."""
-    out = _render(tmp_path / "loose", "-e", "innova_monitoring_ttft_p95_max_s=60", "-e", "innova_monitoring_decode_min_tok_s=1")
+    out = _render(
+        tmp_path / "loose", "-e", "innova_monitoring_ttft_p95_max_s=60", "-e", "innova_monitoring_decode_min_tok_s=1"
+    )
     rules = _strip_annotations(out / "innova-alerts.yml", tmp_path / "rules.yml")
     tests = _rule_tests(rules.name)
     for case in tests["tests"][0]["alert_rule_test"]:
@@ -279,7 +327,7 @@ def metric_names(expr: str) -> set[str]:
     names = set()
     for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
         word = match.group(0)
-        after = text[match.end():].lstrip()
+        after = text[match.end() :].lstrip()
         if after.startswith("(") or word in PROMQL_WORDS or re.fullmatch(r"\d+[smhdwy]?", word):
             continue
         if text[: match.start()].rstrip().endswith(("offset",)):
@@ -290,9 +338,11 @@ def metric_names(expr: str) -> set[str]:
 
 def test_metric_name_parser_on_known_shapes() -> None:
     assert metric_names('sum by (host, le) (rate(smollm_x_bucket{a="b"}[5m]))') == {"smollm_x_bucket"}
-    assert metric_names('1 / histogram_quantile(0.95, sum by (le) (rate(a_bucket[5m]))) < 4') == {"a_bucket"}
+    assert metric_names("1 / histogram_quantile(0.95, sum by (le) (rate(a_bucket[5m]))) < 4") == {"a_bucket"}
     assert metric_names('haproxy_server_status{proxy="smollm",state="UP"} == 1 and on(server) b') == {
-        "haproxy_server_status", "b"}
+        "haproxy_server_status",
+        "b",
+    }
 
 
 def _dashboard_exprs() -> list[tuple[str, str]]:
@@ -315,8 +365,16 @@ def test_every_dashboard_query_names_an_exported_metric() -> None:
 
 
 def test_dashboard_queries_parse(promtool: str, tmp_path: Path) -> None:
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query{i}", "expr": expr} for i, (_, expr) in enumerate(_dashboard_exprs())]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query{i}", "expr": expr} for i, (_, expr) in enumerate(_dashboard_exprs())
+                ],
+            }
+        ]
+    }
     (tmp_path / "dashboard-rules.yml").write_text(yaml.safe_dump(rules))
     _run([promtool, "check", "rules", "dashboard-rules.yml"], tmp_path)
 

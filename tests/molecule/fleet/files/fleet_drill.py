@@ -46,16 +46,21 @@ def loopback_target(url: str) -> tuple[str, int]:
 # --- one request ------------------------------------------------------------------------------------------
 
 
-def request(host: str, port: int, kind: str, max_tokens: int, timeout: float, prompt: str | None = None) -> dict[str, Any]:
+def request(
+    host: str, port: int, kind: str, max_tokens: int, timeout: float, prompt: str | None = None
+) -> dict[str, Any]:
     """One request through the balancer; what happened, with wall-clock start and end."""
     record: dict[str, Any] = {"kind": kind, "start": time.time(), "ok": False, "status": None, "server": None}
     if kind == "long":
-        path, body = GENERATE, {
-            "prompt": prompt or "Count from 1 to 1000: 1, 2, 3, 4,",
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "stream": True,
-        }
+        path, body = (
+            GENERATE,
+            {
+                "prompt": prompt or "Count from 1 to 1000: 1, 2, 3, 4,",
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+            },
+        )
     else:
         path = CHAT
         body = {
@@ -114,8 +119,16 @@ def request(host: str, port: int, kind: str, max_tokens: int, timeout: float, pr
 class Load:
     """Workers sending requests one after the other (streamed and whole answers alternating) until stopped."""
 
-    def __init__(self, url: str, concurrency: int, max_tokens: int, max_requests: int, max_seconds: float,
-                 timeout: float = 180.0, stream_max_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        concurrency: int,
+        max_tokens: int,
+        max_requests: int,
+        max_seconds: float,
+        timeout: float = 180.0,
+        stream_max_tokens: int | None = None,
+    ) -> None:
         self.host, self.port = loopback_target(url)
         self.concurrency = concurrency
         self.max_tokens = max_tokens
@@ -150,7 +163,7 @@ class Load:
                 self.records.append(record)
             time.sleep(0.1)
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         for thread in self._threads:
             thread.start()
         return self
@@ -186,7 +199,10 @@ def tally(records: list[dict[str, Any]]) -> dict[str, Any]:
 def lb_stat(lb: str, backend: str) -> dict[str, dict[str, Any]]:
     out = subprocess.run(
         ["podman", "exec", lb, "innova-lb-ctl", "stat", "--backend", backend],
-        capture_output=True, text=True, check=True, timeout=20,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=20,
     ).stdout
     return {row["server"]: row for row in map(json.loads, out.splitlines())}
 
@@ -194,7 +210,10 @@ def lb_stat(lb: str, backend: str) -> dict[str, dict[str, Any]]:
 def signal_service(container: str, signal: str) -> None:
     subprocess.run(
         ["podman", "exec", container, "systemctl", "kill", "--kill-who=main", "-s", signal, UNIT],
-        capture_output=True, text=True, check=True, timeout=20,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=20,
     )
 
 
@@ -213,14 +232,19 @@ def wait_status(lb: str, backend: str, server: str, prefix: str, timeout: float)
 
 def drill_load(args: argparse.Namespace) -> dict[str, Any]:
     stop_file = Path(args.stop_file)
-    load = Load(args.url, args.concurrency, args.max_tokens, args.max_requests, args.max_seconds,
-                stream_max_tokens=args.stream_max_tokens).start()
+    load = Load(
+        args.url,
+        args.concurrency,
+        args.max_tokens,
+        args.max_requests,
+        args.max_seconds,
+        stream_max_tokens=args.stream_max_tokens,
+    ).start()
     while not stop_file.exists() and time.time() < load.deadline and load.stopped_by == "stop":
         time.sleep(0.2)
-    if load.stopped_by != "stop":
-        stopped_by = load.stopped_by
-    else:
-        stopped_by = "stop file" if stop_file.exists() else "max-seconds"
+    # A worker names the bound it hit; otherwise the stop file ended it, or the time bound ended this loop.
+    ended = "stop file" if stop_file.exists() else "max-seconds"
+    stopped_by = ended if load.stopped_by == "stop" else load.stopped_by
     records = load.finish()
     facts = tally(records)
     # The load must have lasted until the stop file (the end of the upgrade), not run out of its bounds before.
@@ -260,11 +284,20 @@ def drill_slots(args: argparse.Namespace) -> dict[str, Any]:
     for thread in threads:
         thread.join(330)
     ok = sum(r["ok"] for r in results)
-    facts: dict[str, Any] = {"seen": seen, "last_stat": last if seen is None else None, "ok": ok,
-                             "requests": len(results), "failures": tally(results)["failures"]}
+    facts: dict[str, Any] = {
+        "seen": seen,
+        "last_stat": last if seen is None else None,
+        "ok": ok,
+        "requests": len(results),
+        "failures": tally(results)["failures"],
+    }
     facts["summary"] = (
         f"slot-aware: {args.requests} long requests over {len(servers)} backends x {args.slots} slots -> "
-        + (f"sessions {seen['sessions']}, {seen['queued']} waiting in HAProxy's queue" if seen else "never saw a full fleet")
+        + (
+            f"sessions {seen['sessions']}, {seen['queued']} waiting in HAProxy's queue"
+            if seen
+            else "never saw a full fleet"
+        )
         + f"; {ok}/{len(results)} streams ended with done"
     )
     return facts
@@ -279,8 +312,11 @@ def fault_drill(args: argparse.Namespace, signal: str) -> dict[str, Any]:
     signal_service(args.victim_container, signal)
     t_down = wait_status(args.lb, args.backend, args.victim, "DOWN", 30)
     stat_down = lb_stat(args.lb, args.backend)[args.victim]["total"] if t_down else None
-    facts: dict[str, Any] = {"fault_at": t_fault, "down_at": t_down,
-                             "detect_s": round(t_down - t_fault, 2) if t_down else None}
+    facts: dict[str, Any] = {
+        "fault_at": t_fault,
+        "down_at": t_down,
+        "detect_s": round(t_down - t_fault, 2) if t_down else None,
+    }
     # Keep the load on the rest of the fleet for a while after the balancer took the victim out.
     time.sleep(args.after_down)
     if signal == "STOP":
@@ -307,7 +343,8 @@ def fault_drill(args: argparse.Namespace, signal: str) -> dict[str, Any]:
     facts["failed_in_flight"] = len(early)
     facts["started_after_down"] = len(late)
     facts["failed_after_down"] = sum(not r["ok"] for r in late)
-    down_window = [r for r in late if t_up is None or r["start"] < (t_up if signal == "STOP" else t_up)]
+    # Requests started while the balancer had the victim DOWN (until it was UP again).
+    down_window = [r for r in late if t_up is None or r["start"] < t_up]
     facts["after_down_served_by_victim"] = sum(r["server"] == args.victim for r in down_window if r["ok"])
     name = "kill -9" if signal == "KILL" else "SIGSTOP"
     facts["summary"] = (
@@ -315,7 +352,8 @@ def fault_drill(args: argparse.Namespace, signal: str) -> dict[str, Any]:
         f"{facts['failed_in_flight']} in-flight request(s) failed, {facts['failed_after_down']} of "
         f"{facts['started_after_down']} started after that failed; "
         + (f"{facts['victim_new_sessions_while_down']} new session(s) on it while down; " if signal == "STOP" else "")
-        + f"back UP {facts['rejoin_s']} s after {'SIGCONT' if signal == 'STOP' else 'the kill'}, serving again: {rejoined}"
+        + f"back UP {facts['rejoin_s']} s after {'SIGCONT' if signal == 'STOP' else 'the kill'}, "
+        + f"serving again: {rejoined}"
     )
     return facts
 
