@@ -3,6 +3,7 @@
 
     fleet_drill.py load  --out F --stop-file S ...  # bounded load (streamed + whole answers) until S exists
     fleet_drill.py slots ...                        # 7 long requests over 3 x 2 slots: 2 per backend, 1 queued
+    fleet_drill.py drain ...                        # drain the backend of a running stream: the wait waits for it
     fleet_drill.py kill9 --victim NAME ...          # kill -9 of one backend's service under load
     fleet_drill.py hang  --victim NAME ...          # SIGSTOP of one backend's service under load, then SIGCONT
 
@@ -303,6 +304,58 @@ def drill_slots(args: argparse.Namespace) -> dict[str, Any]:
     return facts
 
 
+def drill_drain(args: argparse.Namespace) -> dict[str, Any]:
+    """A long stream runs on one backend; drain that backend: wait-empty must wait for the stream, which must end."""
+    host, port = loopback_target(args.url)
+    result: dict[str, Any] = {}
+    stream = threading.Thread(target=lambda: result.update(request(host, port, "long", args.max_tokens, 300)))
+    stream.start()
+    server = None
+    deadline = time.time() + 30
+    while server is None and time.time() < deadline:
+        busy = [name for name, row in lb_stat(args.lb, args.backend).items() if name != "BACKEND" and row["sessions"]]
+        server = busy[0] if busy else None
+        time.sleep(0.05)
+    if server is None:
+        stream.join(300)
+        return {"server": None, "summary": "drain: the long stream never showed on a backend", **result}
+    target = f"{args.backend}/{server}"
+    subprocess.run(
+        ["podman", "exec", args.lb, "innova-lb-ctl", "state", target, "drain"],
+        check=True,
+        capture_output=True,
+        timeout=20,
+    )
+    waited = subprocess.run(
+        ["podman", "exec", args.lb, "innova-lb-ctl", "wait-empty", target, "--timeout", "240"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    stream.join(300)
+    subprocess.run(
+        ["podman", "exec", args.lb, "innova-lb-ctl", "state", target, "ready"],
+        check=True,
+        capture_output=True,
+        timeout=20,
+    )
+    seen = json.loads(waited.stdout.strip().splitlines()[-1]) if waited.stdout.strip() else {}
+    facts = {
+        "server": server,
+        "wait_rc": waited.returncode,
+        "waited_s": seen.get("waited_s"),
+        "sessions_after_wait": seen.get("sessions"),
+        "stream_ok": result.get("ok"),
+        "stream_server": result.get("server"),
+        "stream_end": result.get("end"),
+    }
+    facts["summary"] = (
+        f"drain: {server} drained while a {args.max_tokens}-token stream ran on it; wait-empty waited "
+        f"{facts['waited_s']} s until 0 sessions; the stream ended with done: {facts['stream_ok']}"
+    )
+    return facts
+
+
 def fault_drill(args: argparse.Namespace, signal: str) -> dict[str, Any]:
     servers = lb_stat(args.lb, args.backend)
     before_total = servers[args.victim]["total"]
@@ -360,7 +413,7 @@ def fault_drill(args: argparse.Namespace, signal: str) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("drill", choices=["load", "slots", "kill9", "hang"])
+    parser.add_argument("drill", choices=["load", "slots", "drain", "kill9", "hang"])
     parser.add_argument("--url", required=True, help="the balancer, http://127.0.0.1:PORT")
     parser.add_argument("--lb", default="innova-molecule-fleet-lb", help="container of the balancer")
     parser.add_argument("--backend", default="smollm", help="HAProxy backend section")
@@ -385,6 +438,8 @@ def main() -> int:
         facts = drill_load(args)
     elif args.drill == "slots":
         facts = drill_slots(args)
+    elif args.drill == "drain":
+        facts = drill_drain(args)
     else:
         facts = fault_drill(args, "KILL" if args.drill == "kill9" else "STOP")
     print(json.dumps(facts))
