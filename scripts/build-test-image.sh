@@ -25,10 +25,11 @@ packages=(
   libgomp1                                  # OpenMP runtime that llama.cpp links against
   cron                                      # the health-check cron job (issue 4)
   procps iproute2                           # ps, ss while debugging a failed scenario
+  haproxy                                   # the balancer of the fleet scenario (role innova_lb, issue 20)
 )
 include="$(IFS=,; echo "${packages[*]}")"
 # Bump when the customisation below changes.
-image_rev=1
+image_rev=2
 
 name="localhost/innova-debian12-systemd"
 tag="$(echo "$include $image_rev" | sha256sum | cut -c1-12)"
@@ -56,6 +57,8 @@ for unit in getty@tty1.service console-getty.service serial-getty@.service \
             systemd-remount-fs.service; do
   ln -sf /dev/null "$rootfs/etc/systemd/system/$unit"
 done
+# HAProxy is baked in for the balancer host only: it stays off until the innova_lb role enables it.
+rm -f "$rootfs/etc/systemd/system/multi-user.target.wants/haproxy.service"
 : >"$rootfs/etc/machine-id"
 rm -f "$rootfs/var/lib/dbus/machine-id"
 rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
@@ -66,6 +69,6 @@ tar -C "$rootfs" -c . | podman import \
   --change 'CMD ["/sbin/init"]' \
   --change 'STOPSIGNAL SIGRTMIN+3' \
   - "$image" >/dev/null
-# Drop the images of older versions of this script.
-podman images --format '{{.Repository}}:{{.Tag}}' | grep "^$name:" | grep -v ":$tag$" | xargs -r podman rmi -f >/dev/null 2>&1 || true
+# Drop the images of older versions of this script (those no container uses).
+podman images --format '{{.Repository}}:{{.Tag}}' | grep "^$name:" | grep -v ":$tag$" | xargs -r podman rmi >/dev/null 2>&1 || true  # no -f: never remove a container in use
 echo "$image"

@@ -13,7 +13,8 @@
 #   4. the test image localhost/innova-debian12-systemd:<hash> (scripts/build-test-image.sh, reused when present)
 #   5. the wheelhouse ~/.cache/innova-smollm/wheelhouse{,.tar} (scripts/build-wheelhouse.sh, rebuilt when service/ changes)
 #   6. a python3 -m http.server on a free 127.0.0.1 port serving models/ for the role's download (stopped on exit)
-# Env: INNOVA_TEST_PORT (the service port inside the host-networked container, default: a free one in 18400-18499).
+# Env: INNOVA_TEST_PORT (the service port inside the host-networked container, default: a free one in 18400-18499);
+#      for the fleet scenario INNOVA_FLEET_PORT_{1,2,3}, INNOVA_FLEET_LB_PORT, INNOVA_FLEET_METRICS_PORT (free ones in 18600-18699).
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -90,6 +91,15 @@ for _ in range(100):
 PY
 export INNOVA_MODEL_URL="http://127.0.0.1:$http_port/SmolLM2-135M-Instruct.Q4_1.gguf" INNOVA_MODEL_FILE="$model"
 export INNOVA_TEST_PORT="${INNOVA_TEST_PORT:-$(free_port 18400 18499)}"
+if [[ "$scenario" == fleet ]]; then
+  # Three backends, the balancer and its metrics listener, each on its own free loopback port.
+  export INNOVA_FLEET_PORT_1="${INNOVA_FLEET_PORT_1:-$(free_port 18600 18619)}"
+  export INNOVA_FLEET_PORT_2="${INNOVA_FLEET_PORT_2:-$(free_port 18620 18639)}"
+  export INNOVA_FLEET_PORT_3="${INNOVA_FLEET_PORT_3:-$(free_port 18640 18659)}"
+  export INNOVA_FLEET_LB_PORT="${INNOVA_FLEET_LB_PORT:-$(free_port 18660 18679)}"
+  export INNOVA_FLEET_METRICS_PORT="${INNOVA_FLEET_METRICS_PORT:-$(free_port 18680 18699)}"
+  log "fleet ports: backends $INNOVA_FLEET_PORT_1 $INNOVA_FLEET_PORT_2 $INNOVA_FLEET_PORT_3, balancer $INNOVA_FLEET_LB_PORT, metrics $INNOVA_FLEET_METRICS_PORT"
+fi
 
 log "image $INNOVA_TEST_IMAGE, wheelhouse $INNOVA_WHEELHOUSE, model $INNOVA_MODEL_URL, service port $INNOVA_TEST_PORT"
 cd "$repo_root/tests"
