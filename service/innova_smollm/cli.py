@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import sys
 import time
@@ -160,10 +161,9 @@ def check_model(path: Path, *, as_json: bool) -> int:
 
 
 def _engine_loader() -> Callable[[Settings], Engine]:
-    try:
-        import llama_cpp  # noqa: F401  (only to say which extra is missing before anything else starts)
-    except ImportError as exc:
-        raise ServerExtraMissingError(exc.name or "llama_cpp") from None
+    # Only the engine imports llama_cpp: here it is looked for, to say which extra is missing before anything starts.
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ServerExtraMissingError("llama_cpp")
     from innova_smollm.engine import load_engine
 
     return load_engine

@@ -11,7 +11,7 @@ Design, and why:
   would use itself (``Config(http="httptools").load()`` then the public ``Config.http_protocol_class``), made with
   the keyword arguments uvicorn passes its protocol factory. uvicorn gets the wrapper class through its public
   ``http=`` option. The wrapper sees every transport callback first and forwards it. Nothing imports from
-  ``uvicorn.protocols`` or subclasses a uvicorn class, so an uvicorn upgrade can change its protocol's insides
+  uvicorn's protocol modules or subclasses a uvicorn class, so an uvicorn upgrade can change its protocol's insides
   without breaking the guard; what the guard relies on is asyncio's Protocol interface and the ASGI interface.
 - While a connection waits for a request head, the wrapper counts the head's bytes itself: a head ends at the first
   CRLF CRLF after its first byte that is not CR or LF (llhttp accepts only CRLF line ends, and skips blank lines
