@@ -3,7 +3,7 @@
 # dependency as wheels, so a host (or a test container) installs offline and needs no compiler.
 #
 # Cached outside git (default ~/.cache/innova-smollm/wheelhouse). Rebuilt only when needed:
-#   - pyproject.toml changed  -> all wheels (dependencies come from pip's own cache after the first time;
+#   - pyproject.toml or the build flags (llama-build-env.sh) changed -> all wheels (dependencies come from pip's own cache after the first time;
 #                                llama-cpp-python compiles for ~4 min on 2 cores only when pip never built it)
 #   - only service/ changed   -> just the innova_smollm wheel
 # Besides DIR it writes DIR.tar (the wheels only, byte-for-byte reproducible): the innova_backend role's
@@ -22,7 +22,8 @@ mkdir -p "$wheelhouse"
 # shellcheck source=scripts/llama-build-env.sh
 source "$repo_root/scripts/llama-build-env.sh"
 
-deps_key="$(cat "$repo_root/pyproject.toml" | sha256sum | cut -c1-16)"
+# The build flags count as a dependency: a wheel compiled with other flags (llama.cpp's AMX kernels) must go.
+deps_key="$(cat "$repo_root/pyproject.toml" "$repo_root/scripts/llama-build-env.sh" | sha256sum | cut -c1-16)"
 pkg_key="$(cd "$repo_root" && { cat pyproject.toml; find service -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 \
   | sort -z | xargs -0 sha256sum; } | sha256sum | cut -c1-16)"
 
@@ -32,7 +33,9 @@ pip_wheel() {
 
 if [[ "$(cat "$wheelhouse/.deps-key" 2>/dev/null)" != "$deps_key" ]]; then
   echo "wheelhouse: building innova-smollm[server] and all dependencies into $wheelhouse" >&2
-  rm -f "$wheelhouse"/innova_smollm-*.whl
+  # Every wheel goes: pip wheel keeps a file already in the folder, even one built with other flags; what is
+  # unchanged comes back from pip's own cache in seconds.
+  rm -f "$wheelhouse"/*.whl
   pip_wheel '.[server]'
   echo "$deps_key" >"$wheelhouse/.deps-key"
   echo "$pkg_key" >"$wheelhouse/.pkg-key"
