@@ -93,14 +93,19 @@ class TokenPieces:
         return cached
 
     def _bytes(self, token: int) -> bytes:
-        # special=False renders control tokens as nothing. A negative result is the size the piece needs.
-        size = 64
-        while True:
-            buffer = ctypes.create_string_buffer(size)
-            written = int(llama_cpp.llama_token_to_piece(self._vocab, token, buffer, size, 0, False))
-            if written >= 0:
-                return buffer.raw[:written]
-            size = -written
+        # special=False renders control tokens as nothing.
+        return token_piece(self._vocab, token, special=False)
+
+
+def token_piece(vocab: Any, token: int, *, special: bool) -> bytes:
+    """One token's bytes, retried with the size llama.cpp asks for when the piece is longer than the buffer."""
+    size = 64
+    while True:
+        buffer = ctypes.create_string_buffer(size)
+        written = int(llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, special))
+        if written >= 0:
+            return buffer.raw[:written]
+        size = -written  # a negative result is the size the piece needs
 
 
 class GGUFModel:
@@ -122,8 +127,7 @@ class GGUFModel:
         self._chat_formatter, self.template_source = self._make_chat_formatter()
 
     def tokenize(self, text: str) -> list[int]:
-        tokens: list[int] = self.llama.tokenize(text.encode("utf-8"), add_bos=True, special=False)
-        return tokens
+        return self.tokenize_text(text, add_special=True, parse_special=False)
 
     def tokenize_text(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         tokens: list[int] = self.llama.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
@@ -131,13 +135,7 @@ class GGUFModel:
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes of one token, special tokens rendered as their text (``<|im_end|>``)."""
-        size = 64
-        while True:
-            buffer = ctypes.create_string_buffer(size)
-            written = int(llama_cpp.llama_token_to_piece(self.vocab, token, buffer, size, 0, True))
-            if written >= 0:
-                return buffer.raw[:written]
-            size = -written
+        return token_piece(self.vocab, token, special=True)
 
     def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         conversation: list[Any] = [{"role": m.role, "content": m.content} for m in messages]

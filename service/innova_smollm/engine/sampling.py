@@ -60,15 +60,7 @@ class LogitRows:
 
     def highest(self, batch_index: int) -> int:
         """The token with the highest logit in row ``batch_index`` of the last decode (the first of equals)."""
-        address = _logits_address(self._ctx, batch_index)
-        row = self._rows.get(address or 0)
-        if row is None:
-            if not address:
-                raise GenerationError(f"llama.cpp has no logits for batch row {batch_index}")
-            if len(self._rows) >= self.MAX_KEPT_ROWS:
-                self._rows.clear()
-            row = self._rows[address] = np.frombuffer(memoryview(self._row_type.from_address(address)), np.float32)
-        return int(row.argmax())
+        return int(self.row(batch_index).argmax())
 
     def row(self, batch_index: int) -> np.ndarray[Any, np.dtype[np.float32]]:
         """Row ``batch_index`` of the last decode's logits, as an array over llama.cpp's buffer (no copy)."""
