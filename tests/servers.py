@@ -37,6 +37,9 @@ API = "/innova/api/smollm"
 #: A prompt the embedded model continues for as long as it is allowed to (it counts), for tests that need a
 #: generation that is still running when they act.
 LONG_PROMPT = "Count from 1 to 1000: 1, 2, 3, 4,"
+#: ``logit_bias`` that forbids the embedded model's end tokens (``<|endoftext|>`` 0 and ``<|im_end|>`` 2), for a test
+#: that needs an answer to run until its deadline or ``max_tokens`` however the model would have answered.
+NEVER_ENDS = {"0": -100, "2": -100}
 
 
 @pytest.fixture(scope="session")

@@ -54,11 +54,20 @@ class OpenStream:
         self.reply.close()
 
 
+@pytest.fixture(scope="module")
+def one_sequence_engine(model_path: Path) -> Iterator[GGUFEngine]:
+    # Admission only counts; the engine's sequences decide what runs together. With the shared four-sequence engine
+    # a "waiting" request would run at once and be gone before the test saw it waiting.
+    loaded = GGUFEngine(make_settings(model_path, parallel=1))
+    yield loaded
+    loaded.close()
+
+
 @pytest.fixture
-def small_queue(engine: GGUFEngine, model_path: Path) -> Iterator[LiveServer]:
-    # One slot (admission counts SMOLLM_PARALLEL, whatever the shared engine could decode together) and one place
-    # in line, so a second request waits and a third is refused.
-    with serve_in_thread(make_settings(model_path, parallel=1, max_queue=1, max_tokens=1000), engine=engine) as server:
+def small_queue(one_sequence_engine: GGUFEngine, model_path: Path) -> Iterator[LiveServer]:
+    # One sequence and one place in line, so a second request waits and a third is refused.
+    settings = make_settings(model_path, parallel=1, max_queue=1, max_tokens=1000)
+    with serve_in_thread(settings, engine=one_sequence_engine) as server:
         yield server
 
 
@@ -94,17 +103,19 @@ def assert_cancelled_within_a_few_tokens(engine: GGUFEngine, seen: int) -> None:
     assert engine.last_finish.completion_tokens < seen + 20, engine.last_finish
 
 
-def test_a_dropped_stream_frees_the_engine_at_once(small_queue: LiveServer, engine: GGUFEngine) -> None:
+def test_a_dropped_stream_frees_the_engine_at_once(small_queue: LiveServer, one_sequence_engine: GGUFEngine) -> None:
     reply = OpenStream(small_queue, COUNT_FOREVER)
     reply.next_events(3)
     reply.close()  # the client goes away mid-generation
     assert wait_until(lambda: in_flight(small_queue) == 0, timeout=10)
-    assert_cancelled_within_a_few_tokens(engine, seen=3)
+    assert_cancelled_within_a_few_tokens(one_sequence_engine, seen=3)
     answer = small_queue.post(f"{API}/generate", json={"prompt": "Hello", "max_tokens": 3}).json()
     assert answer["usage"]["completion_tokens"] >= 1
 
 
-def test_a_dropped_plain_request_frees_the_engine_at_once(small_queue: LiveServer, engine: GGUFEngine) -> None:
+def test_a_dropped_plain_request_frees_the_engine_at_once(
+    small_queue: LiveServer, one_sequence_engine: GGUFEngine
+) -> None:
     body = json.dumps(COUNT_FOREVER).encode()
     host, port = small_queue.address
     with socket.create_connection((host, port)) as sock:
@@ -115,12 +126,12 @@ def test_a_dropped_plain_request_frees_the_engine_at_once(small_queue: LiveServe
         )
         assert wait_until(lambda: in_flight(small_queue) == 1, timeout=10)
         time.sleep(0.5)  # let it generate for a while
-        started = engine.last_finish
+        started = one_sequence_engine.last_finish
     assert wait_until(lambda: in_flight(small_queue) == 0, timeout=10)
-    assert wait_until(lambda: engine.last_finish is not started, timeout=30)
-    assert engine.last_finish is not None
-    assert engine.last_finish.reason == "cancelled"
-    assert engine.last_finish.completion_tokens < 800
+    assert wait_until(lambda: one_sequence_engine.last_finish is not started, timeout=30)
+    assert one_sequence_engine.last_finish is not None
+    assert one_sequence_engine.last_finish.reason == "cancelled"
+    assert one_sequence_engine.last_finish.completion_tokens < 800
     answer = small_queue.post(f"{API}/generate", json={"prompt": "Hello", "max_tokens": 3}).json()
     assert answer["usage"]["completion_tokens"] >= 1
 

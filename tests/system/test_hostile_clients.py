@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.servers import API, EMBEDDED_MODEL, LONG_PROMPT, ServiceProcess, run_service, wait_until
+from tests.servers import API, EMBEDDED_MODEL, LONG_PROMPT, NEVER_ENDS, ServiceProcess, run_service, wait_until
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]
 
@@ -202,7 +202,11 @@ def test_past_the_request_limit_the_answer_is_a_json_503_and_health_still_answer
 
 def never_reading_stream(service: ServiceProcess, content: str) -> socket.socket:
     """An OpenAI streaming request from a client that never reads a byte of the answer, with a small window."""
-    body = json.dumps({"model": "smollm", "messages": [{"role": "user", "content": content}], "stream": True})
+    # It must still be answering at the deadline, however fast the host decodes: no end token, no early stop.
+    messages = [{"role": "user", "content": content}]
+    body = json.dumps(
+        {"model": "smollm", "messages": messages, "stream": True, "max_tokens": 3000, "logit_bias": NEVER_ENDS}
+    )
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, as a slow path has
     sock.connect(address(service))
@@ -226,14 +230,16 @@ BOUNDS = {"SMOLLM_IO_TIMEOUT_S": "2", "SMOLLM_HEAD_TIMEOUT_S": "2", "SMOLLM_KEEP
 def test_a_streaming_client_that_never_reads_is_released_at_the_deadline_with_bounded_memory() -> None:
     # The model: the request's sequence and place in line are given back at the deadline (4 s here), though the
     # client reads nothing.
-    with ready_service(SMOLLM_REQUEST_TIMEOUT_S="4", SMOLLM_PARALLEL="1", **BOUNDS) as service:
+    with ready_service(
+        SMOLLM_REQUEST_TIMEOUT_S="4", SMOLLM_PARALLEL="1", SMOLLM_N_CTX="4096", SMOLLM_MAX_TOKENS="3000", **BOUNDS
+    ) as service:
         requests.post(service.url + f"{API}/generate", json={"prompt": "Hi", "max_tokens": 1}, timeout=60)
         time.sleep(0.5)
         fds_before = fds_of(service)
         sock = never_reading_stream(service, LONG_PROMPT)
         sent_at = time.monotonic()
         try:
-            assert wait_until(lambda: in_flight(service) == 1, timeout=5)
+            assert wait_until(lambda: in_flight(service) == 1, timeout=5), service.output()[-3000:]
             assert wait_until(lambda: in_flight(service) == 0, timeout=4 + 2 + 3)
             freed_s = time.monotonic() - sent_at
             assert wait_until(lambda: fds_of(service) <= fds_before, timeout=1 + 2 + 2 + 3)
