@@ -7,6 +7,7 @@ start-up with a :class:`SettingsError` that names the variable, the value and wh
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -66,6 +67,23 @@ class KVLayout(StrEnum):
     PER_SEQUENCE = "per_sequence"
 
 
+class WarmKind(StrEnum):
+    #: A chat's system prompt: warmed is what every conversation starting with it shares once the chat template has
+    #: rendered it (the template's header, the system message, the start of the first user turn).
+    SYSTEM = "system"
+    #: Raw text that prompts of /generate and /v1/completions start with, tokenized as those prompts are.
+    TEXT = "text"
+
+
+@dataclass(frozen=True)
+class WarmPrompt:
+    """A prompt start decoded at start-up and kept (SMOLLM_WARM_PROMPTS), so a request beginning with it decodes only
+    what follows; see engine/scheduler.py ``GGUFEngine`` and docs/operations.md."""
+
+    kind: WarmKind
+    text: str
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     enabled: bool = True
@@ -89,6 +107,10 @@ class Settings:
     #: starts the same way (with the prompt cache on; 0: none). See engine/saved_states.py.
     prompt_cache_mb: int = 256
     kv_layout: KVLayout = KVLayout.AUTO
+    #: Prompt starts decoded at start-up and kept for the life of the process, read from the JSON file that
+    #: SMOLLM_WARM_PROMPTS names (a list of ``{"system": text}`` and ``{"text": text}``). Health says ``loading``
+    #: until they are decoded. Their KV states count against ``prompt_cache_mb``.
+    warm_prompts: tuple[WarmPrompt, ...] = ()
     #: Map the model file instead of reading it into memory. Off by default: llama.cpp repacks the Q4_K weights into
     #: a copy for its CPU kernels, and with the file mapped both stay resident, so a 2 GB model held 3.8 GB (the
     #: production-shaped model: 1.28 GB more than read, at the same CPU per token; docs/performance.md).
@@ -166,6 +188,7 @@ class Settings:
             prompt_cache_mb=env.integer("SMOLLM_PROMPT_CACHE_MB", 256, minimum=0),
             use_mmap=env.boolean("SMOLLM_USE_MMAP", False),
             kv_layout=env.choice("SMOLLM_KV_LAYOUT", KVLayout, KVLayout.AUTO),
+            warm_prompts=env.warm_prompts("SMOLLM_WARM_PROMPTS"),
             request_timeout_s=env.number("SMOLLM_REQUEST_TIMEOUT_S", 300.0, minimum=0.1),
             fallback=env.choice("SMOLLM_FALLBACK", Fallback, Fallback.NONE),
             host=env.host("HOST", "127.0.0.1"),
@@ -185,7 +208,16 @@ class Settings:
             model_manifest=Path(manifest) if (manifest := env.text("SMOLLM_MODEL_MANIFEST", "")) else None,
         )
         settings.check_listen_address()
+        settings.check_warm_prompts()
         return settings
+
+    def check_warm_prompts(self) -> None:
+        """Warm prompts are kept as saved states of the prompt cache: without it they could not be kept."""
+        if self.warm_prompts and not (self.prompt_cache and self.prompt_cache_mb > 0):
+            raise SettingsError(
+                "SMOLLM_WARM_PROMPTS needs the prompt cache, which keeps their KV states: set SMOLLM_PROMPT_CACHE=true "
+                "and SMOLLM_PROMPT_CACHE_MB above 0, or unset SMOLLM_WARM_PROMPTS"
+            )
 
     def check_listen_address(self) -> None:
         """Refuse to expose the model beyond this machine without API keys, unless explicitly allowed."""
@@ -331,6 +363,37 @@ class _Env:
             # Never echo a key back: the message names the variable only.
             raise SettingsError(f"{name}: every key must be at least 16 characters long")
         return keys
+
+    def warm_prompts(self, name: str) -> tuple[WarmPrompt, ...]:
+        raw = self._raw(name)
+        if raw is None:
+            return ()
+        try:
+            document = json.loads(Path(raw).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SettingsError(f"{name}={raw!r}: cannot read the file ({exc.strerror or exc})") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"{name}={raw!r}: the file is not JSON ({exc})") from None
+        return parse_warm_prompts(document, where=f"{name}={raw!r}")
+
+
+def parse_warm_prompts(document: object, *, where: str) -> tuple[WarmPrompt, ...]:
+    """The warm prompts of a SMOLLM_WARM_PROMPTS file: a JSON list of ``{"system": text}`` or ``{"text": text}``."""
+    shape = 'a JSON list of objects, each {"system": "<system prompt>"} or {"text": "<prompt start>"}'
+    if not isinstance(document, list):
+        raise SettingsError(f"{where}: the file must hold {shape}")
+    prompts = []
+    kinds = ", ".join(kind.value for kind in WarmKind)
+    for index, entry in enumerate(document):
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise SettingsError(f"{where}: entry {index} must be an object with one key ({kinds}): {shape}")
+        ((key, text),) = entry.items()
+        if key not in WarmKind.__members__.values():
+            raise SettingsError(f"{where}: entry {index} has the key {key!r}; use one of: {kinds}")
+        if not isinstance(text, str) or not text.strip():
+            raise SettingsError(f"{where}: entry {index} ({key}) must be a non-empty string")
+        prompts.append(WarmPrompt(WarmKind(key), text))
+    return tuple(prompts)
 
 
 def _check_range(name: str, value: int, minimum: int, maximum: int | None) -> None:

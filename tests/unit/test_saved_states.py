@@ -81,3 +81,29 @@ def test_common_prefix_length_stops_at_the_limit() -> None:
     assert common_prefix_length([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix_length([1, 2, 3], [1, 2, 3], 1) == 1
     assert common_prefix_length([1], [1], -1) == 0
+
+
+def test_a_pinned_state_is_found_like_the_others_and_never_dropped() -> None:
+    store = SavedStates(30)
+    warm = _state(5, 6, 7, size=10)
+    assert store.pin(warm)
+    for first in range(10):  # many more states than the budget holds
+        assert store.add(_state(first, first, size=10))
+    assert store.best_for([5, 6, 7, 8]) == (warm, 3)
+    store.drop(warm)  # a state that could not be restored; a pinned one stays
+    assert store.best_for([5, 6, 7, 8]) == (warm, 3)
+    assert (len(store), store.bytes_used) == (3, 30)
+
+
+def test_pinned_states_come_out_of_the_budget_first() -> None:
+    store = SavedStates(30)
+    assert store.add(_state(1, 1, size=10))
+    assert store.add(_state(2, 2, size=10))
+    assert store.pin(_state(5, 5, size=15))
+    # 15 bytes are left for the others: the least recently used one went.
+    assert store.limit_bytes == 15
+    assert store.best_for([1, 1, 0])[0] is None
+    assert store.best_for([2, 2, 0])[0] is not None
+    assert not store.add(_state(3, 3, size=16)), "a state larger than what the pinned ones leave cannot be kept"
+    assert not store.pin(_state(6, 6, size=16)), "pinned states beyond the whole budget are refused"
+    assert store.covers([5])

@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 
 from innova_smollm.errors import SettingsError
-from innova_smollm.settings import DEFAULT_MODEL_PATH, Fallback, FlashAttention, KVLayout, Provider, Settings
+from innova_smollm.settings import (
+    DEFAULT_MODEL_PATH,
+    Fallback,
+    FlashAttention,
+    KVLayout,
+    Provider,
+    Settings,
+    WarmKind,
+    WarmPrompt,
+)
 
 
 def test_defaults_follow_the_contract(tmp_path: Path) -> None:
@@ -173,3 +182,43 @@ def test_display_name_drops_links_and_the_deployment_suffix(tmp_path: Path) -> N
     (tmp_path / "current.gguf").symlink_to(target.name)
     assert display_name(tmp_path / "current.gguf") == "Llama-3.2-3B-Instruct-Q4_K_M"
     assert display_name(tmp_path / "missing.gguf") == "missing"
+
+
+def test_warm_prompts_are_read_from_the_json_file_named(tmp_path: Path) -> None:
+    assert Settings.from_env({}).warm_prompts == ()
+    path = tmp_path / "warm.json"
+    path.write_text('[{"system": "You are KORYXA."}, {"text": "Summary:"}]', encoding="utf-8")
+    settings = Settings.from_env({"SMOLLM_WARM_PROMPTS": str(path)})
+    assert settings.warm_prompts == (
+        WarmPrompt(WarmKind.SYSTEM, "You are KORYXA."),
+        WarmPrompt(WarmKind.TEXT, "Summary:"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read the file"),
+        ("{not json", "the file is not JSON"),
+        ('{"system": "x"}', "must hold a JSON list"),
+        ('[{"sytem": "x"}]', "entry 0 has the key 'sytem'; use one of: system, text"),
+        ('[{"system": "x"}, {"text": "  "}]', r"entry 1 \(text\) must be a non-empty string"),
+        ('[{"system": "x", "text": "y"}]', "entry 0 must be an object with one key"),
+    ],
+)
+def test_a_bad_warm_prompts_file_stops_start_up_naming_the_variable_and_the_entry(
+    tmp_path: Path, content: str | None, message: str
+) -> None:
+    path = tmp_path / "warm.json"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(SettingsError, match=f"SMOLLM_WARM_PROMPTS='{path}'.*{message}"):
+        Settings.from_env({"SMOLLM_WARM_PROMPTS": str(path)})
+
+
+def test_warm_prompts_without_the_prompt_cache_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "warm.json"
+    path.write_text('[{"system": "You are KORYXA."}]', encoding="utf-8")
+    for off in ({"SMOLLM_PROMPT_CACHE": "false"}, {"SMOLLM_PROMPT_CACHE_MB": "0"}):
+        with pytest.raises(SettingsError, match="SMOLLM_WARM_PROMPTS needs the prompt cache"):
+            Settings.from_env({"SMOLLM_WARM_PROMPTS": str(path), **off})

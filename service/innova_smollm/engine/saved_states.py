@@ -7,6 +7,9 @@ that starts the same way (the same question again, the next turn of a chat) gets
 ``llama_state_seq_set_data``, a copy of a few megabytes, instead of decoding its prefix again. llama-server does the
 same with its ``--cache-ram``.
 
+Warm prompts (SMOLLM_WARM_PROMPTS) are states saved at start-up and *pinned*: they are looked up like the others but
+never dropped, and their bytes come out of the budget first.
+
 This module is plain bookkeeping, with no llama.cpp in it: a byte budget, least recently used first out, and the
 longest common prefix as the lookup.
 """
@@ -29,41 +32,58 @@ class SavedState:
 
 
 class SavedStates:
-    """At most ``limit_bytes`` of saved sequence states, dropped least recently used first."""
+    """At most ``limit_bytes`` of saved sequence states: pinned ones for good, the others dropped least recently used
+    first from what the pinned ones leave."""
 
     def __init__(self, limit_bytes: int) -> None:
         self._limit = limit_bytes
         self._states: OrderedDict[tuple[int, ...], SavedState] = OrderedDict()
+        self._pinned: dict[tuple[int, ...], SavedState] = {}
         self._bytes = 0
+        self._pinned_bytes = 0
 
     @property
     def limit_bytes(self) -> int:
-        return self._limit
+        """The most one state that may be dropped can take: the budget less the pinned states."""
+        return self._limit - self._pinned_bytes
 
     @property
     def bytes_used(self) -> int:
-        return self._bytes
+        return self._bytes + self._pinned_bytes
 
     def __len__(self) -> int:
-        return len(self._states)
+        return len(self._states) + len(self._pinned)
 
     def covers(self, tokens: Sequence[int]) -> bool:
         """Whether a saved state already holds ``tokens`` (or more after them): saving them again would add nothing."""
         key = tuple(tokens)
-        return any(saved[: len(key)] == key for saved in self._states)
+        return any(saved[: len(key)] == key for saved in (*self._states, *self._pinned))
+
+    def pin(self, state: SavedState) -> bool:
+        """Keep ``state`` for good; returns False when the budget cannot hold it beside the pinned ones."""
+        if not state.tokens or self._pinned_bytes + state.size > self._limit:
+            return False
+        old = self._pinned.pop(state.tokens, None)
+        self._pinned_bytes -= old.size if old is not None else 0
+        self._pinned[state.tokens] = state
+        self._pinned_bytes += state.size
+        while self._states and self._bytes > self.limit_bytes:
+            _, oldest = self._states.popitem(last=False)
+            self._bytes -= oldest.size
+        return True
 
     def add(self, state: SavedState) -> bool:
         """Keep ``state`` as the most recently used; returns False when it alone is larger than the budget.
 
         A saved state whose tokens ``state`` starts with is dropped: ``state`` answers every prompt it answered.
         """
-        if state.size > self._limit or not state.tokens:
+        if state.size > self.limit_bytes or not state.tokens:
             return False
         for tokens in [saved for saved in self._states if state.tokens[: len(saved)] == saved]:
             self._bytes -= self._states.pop(tokens).size
         self._states[state.tokens] = state
         self._bytes += state.size
-        while self._bytes > self._limit:
+        while self._bytes > self.limit_bytes:
             _, oldest = self._states.popitem(last=False)
             self._bytes -= oldest.size
         return True
@@ -76,7 +96,7 @@ class SavedStates:
         best: SavedState | None = None
         best_length = 0
         limit = len(prompt) - 1
-        for tokens, state in self._states.items():
+        for tokens, state in (*self._states.items(), *self._pinned.items()):
             length = common_prefix_length(tokens, prompt, limit)
             if length > best_length:
                 best, best_length = state, length
@@ -88,6 +108,7 @@ class SavedStates:
             self._states.move_to_end(state.tokens)
 
     def drop(self, state: SavedState) -> None:
+        """Forget ``state`` (one that could not be restored); a pinned state stays."""
         saved = self._states.pop(state.tokens, None)
         if saved is not None:
             self._bytes -= saved.size

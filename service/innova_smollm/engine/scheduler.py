@@ -49,7 +49,7 @@ from innova_smollm.engine.sampling import (
     new_sampler,
     shortlist_size,
 )
-from innova_smollm.engine.saved_states import SavedState, SavedStates
+from innova_smollm.engine.saved_states import SavedState, SavedStates, common_prefix_length
 from innova_smollm.engine.threads import ThreadCounts, ThreadGovernor, batch_threads, new_thread_governor
 from innova_smollm.errors import (
     ContextLengthExceededError,
@@ -58,7 +58,7 @@ from innova_smollm.errors import (
     NotReadyError,
     RequestTimeoutError,
 )
-from innova_smollm.settings import KVLayout, Settings
+from innova_smollm.settings import KVLayout, Settings, WarmKind, WarmPrompt
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,12 @@ class GGUFEngine:
         self.last_finish: JobFinish | None = None
         self._stopping = False
         self._closed = False
+        if settings.warm_prompts:
+            try:
+                self._warm(settings.warm_prompts)
+            except BaseException:
+                self._free_llama()
+                raise
         self._worker = threading.Thread(target=self._serve, name="llama-batched-engine", daemon=True)
         self._worker.start()
 
@@ -258,6 +264,9 @@ class GGUFEngine:
             # Freeing the context under a thread still inside llama_decode would crash the process; leak instead.
             log.error("the engine thread did not stop within 30 s; leaving its llama context allocated")
             return
+        self._free_llama()
+
+    def _free_llama(self) -> None:
         llama_cpp.llama_batch_free(self._batch)
         llama_cpp.llama_free(self._ctx)
         self._ctx = None
@@ -611,6 +620,71 @@ class GGUFEngine:
             log.exception("a token sink failed while being told of an error")
 
     # --- setup ----------------------------------------------------------------------------------------------
+
+    def _warm(self, prompts: Sequence[WarmPrompt]) -> None:
+        """Decode each warm prompt's tokens once, before the engine serves, and pin their KV states in the saved
+        states: a request that starts with one then gets its cells back (_reuse_prefix) and decodes what follows.
+
+        Pinned states rather than idle sequences' cells: there are only ``parallel`` sequence ids, and the first
+        requests would cut their cells. Runs on the constructing thread, so health says ``loading`` meanwhile.
+        """
+        assert self._saved is not None  # Settings.check_warm_prompts: warm prompts need the prompt cache
+        started = time.perf_counter()
+        warmed = 0
+        for index, prompt in enumerate(prompts):
+            tokens = self._warm_tokens(prompt)
+            where = f"SMOLLM_WARM_PROMPTS entry {index} ({prompt.kind.value})"
+            if len(tokens) >= self._n_ctx:
+                raise ModelLoadError(f"{where} is {len(tokens)} tokens, more than the window of {self._n_ctx}")
+            state = self._decode_and_save(tokens)
+            if state is None:
+                raise ModelLoadError(f"{where}: llama.cpp could not decode or save its {len(tokens)} tokens")
+            if not self._saved.pin(state):
+                raise ModelLoadError(
+                    f"{where}: its KV state ({state.size / 2**20:.1f} MiB) does not fit in SMOLLM_PROMPT_CACHE_MB "
+                    f"beside the warm prompts before it ({self._saved.bytes_used / 2**20:.1f} MiB): raise "
+                    "SMOLLM_PROMPT_CACHE_MB or shorten the prompts"
+                )
+            warmed += len(tokens)
+        log.info(
+            "warmed %d prompts (%d tokens) in %.1f s",
+            len(prompts),
+            warmed,
+            time.perf_counter() - started,
+            extra={"event": "prompts_warmed", "prompts": len(prompts), "tokens": warmed},
+        )
+
+    def _warm_tokens(self, prompt: WarmPrompt) -> list[int]:
+        if prompt.kind is WarmKind.TEXT:
+            return self._model.tokenize(prompt.text)
+        # What every conversation with this system prompt starts with, whatever its first user turn: the tokens
+        # two renderings with different user turns share.
+        system = ChatMessage(role="system", content=prompt.text)
+        first = self._model.tokenize_chat([system, ChatMessage(role="user", content="Hello.")])
+        second = self._model.tokenize_chat([system, ChatMessage(role="user", content="What?")])
+        return first[: common_prefix_length(first, second)]
+
+    def _decode_and_save(self, tokens: Sequence[int]) -> SavedState | None:
+        """Decode ``tokens`` into sequence 0 (no logits), copy its KV state to host memory and empty it again."""
+        seq_id = 0
+        try:
+            for start in range(0, len(tokens), self._n_batch):
+                chunk = tokens[start : start + self._n_batch]
+                for offset, token in enumerate(chunk):
+                    self._batch_token[offset] = token
+                    self._batch_pos[offset] = start + offset
+                    self._batch_seq_id[offset][0] = seq_id
+                    self._batch_logits[offset] = 0
+                self._batch.n_tokens = len(chunk)
+                if llama_cpp.llama_decode(self._ctx, self._batch) != 0:
+                    return None
+            size = int(llama_cpp.llama_state_seq_get_size(self._ctx, seq_id))
+            data = (ctypes.c_uint8 * size)()
+            if size <= 0 or llama_cpp.llama_state_seq_get_data(self._ctx, data, size, seq_id) != size:
+                return None
+            return SavedState(tuple(tokens), data, size)
+        finally:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
 
     def _new_context(self, settings: Settings, path: Path) -> Any:
         params = llama_cpp.llama_context_default_params()
