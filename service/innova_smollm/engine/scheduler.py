@@ -190,6 +190,8 @@ class GGUFEngine:
         #: Sequence states copied to host memory and copied back (diagnostics).
         self.states_saved = 0
         self.states_restored = 0
+        #: Prompt prefixes taken from a running sequence's cells (diagnostics).
+        self.prefixes_copied = 0
         #: How the latest job ended, even when nobody was listening any more (diagnostics and tests).
         self.last_finish: JobFinish | None = None
         self._stopping = False
@@ -281,6 +283,9 @@ class GGUFEngine:
                 if self._stopping:
                     break
                 self._drop_abandoned_waiting()
+                # Before admitting: a sequence whose caller left gives its cells back as an idle sequence, so the
+                # caller's next turn, often the very job waiting here, finds its prefix there.
+                self._end_cancelled_and_late()
                 self._admit()
                 if self._running:
                     self._step()
@@ -368,8 +373,15 @@ class GGUFEngine:
 
     def _reuse_prefix(self, seq_id: int, cached: list[int], prompt: Sequence[int], *, reusable: int) -> int:
         """Leave in the sequence ``seq_id``, just taken from the idle ones with ``cached`` tokens, the longest prefix
-        of ``prompt`` on offer: its own first ``reusable`` cells or a saved state's; returns the prefix's length."""
+        of ``prompt`` on offer: its own first ``reusable`` cells, a running sequence's or a saved state's; returns
+        the prefix's length."""
         saved, saved_reuse = self._saved.best_for(prompt) if self._saved is not None else (None, 0)
+        source, shared = self._running_prefix(prompt) if self._prompt_cache else (None, 0)
+        if source is not None and shared >= max(reusable, saved_reuse) + MIN_SAVED_STATE_GAIN:
+            self._save_state(seq_id, cached, keep=0)
+            if cached:
+                self._trim(seq_id, keep=0)
+            return self._copy_prefix(source, seq_id, shared)
         # The restored state occupies all its cells until it is trimmed: they must be free, not promised.
         if saved is not None and (
             saved_reuse < reusable + MIN_SAVED_STATE_GAIN or len(saved.tokens) > self._free_cells + len(cached)
@@ -381,6 +393,41 @@ class GGUFEngine:
         if saved is not None:
             reused = self._restore_state(seq_id, saved, keep=saved_reuse)
         return reused
+
+    def _running_prefix(self, prompt: Sequence[int]) -> tuple[_Running | None, int]:
+        """The running sequence whose cells hold the longest prefix of ``prompt``, and that prefix's length.
+
+        Two cases make this worth it: requests that share a start (a system prompt) while one of them is still
+        running, and the next turn of a chat whose previous answer is still finishing (a client that read enough
+        of it and asked again at once): both would otherwise decode the whole shared prefix again.
+        """
+        best: _Running | None = None
+        best_length = 0
+        limit = len(prompt) - 1
+        for running in self._running.values():
+            held = running.job.prompt_tokens[: running.prefilled]
+            length = common_prefix_length(held, prompt, limit)
+            if length == len(held) and running.generating and length < limit:
+                length += common_prefix_length(running.fed, prompt[length:], limit - length)
+            if length > best_length:
+                best, best_length = running, length
+        return best, best_length
+
+    def _copy_prefix(self, source: _Running, seq_id: int, length: int) -> int:
+        """Give the empty sequence ``seq_id`` the first ``length`` cells of a running sequence; returns ``length``.
+
+        In the shared cache the cells become the two sequences' own (no copy, no new cells: llama.cpp marks them
+        with both ids). One stream per sequence: llama.cpp copies only whole streams (at its next decode, before
+        the batch), and the copy is then cut to ``length``, still far cheaper than decoding the prefix.
+        """
+        memory = self._memory
+        if self._per_sequence:
+            llama_cpp.llama_memory_seq_cp(memory, source.seq_id, seq_id, -1, -1)
+            llama_cpp.llama_memory_seq_rm(memory, seq_id, length, -1)
+        else:
+            llama_cpp.llama_memory_seq_cp(memory, source.seq_id, seq_id, 0, length)
+        self.prefixes_copied += 1
+        return length
 
     def _save_state(self, seq_id: int, tokens: list[int], *, keep: int) -> None:
         """Copy an idle sequence's KV state to host memory before all but its first ``keep`` cells are cut."""
@@ -426,16 +473,16 @@ class GGUFEngine:
             self._free_cells += len(cached)
             self._idle[seq_id] = []
 
-    def _step(self) -> None:
-        """Check every sequence, decode one batch, and sample one token for every sequence that has logits."""
+    def _end_cancelled_and_late(self) -> None:
         now = time.monotonic()
         for running in list(self._running.values()):
             if running.sink.cancelled():
                 self._finish(running, FinishReason.CANCELLED)
             elif now > running.job.deadline:
                 self._finish(running, FinishReason.TIMEOUT)
-        if not self._running:
-            return
+
+    def _step(self) -> None:
+        """Decode one batch, and sample one token for every sequence that has logits."""
 
         n_tokens = 0
         tokens, positions, logits, seq_ids = self._batch_token, self._batch_pos, self._batch_logits, self._batch_seq_id
