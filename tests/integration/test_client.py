@@ -513,3 +513,49 @@ def test_response_format_comes_back_parsed(live: LiveServer) -> None:
         with pytest.raises(BadRequestError) as caught:
             client.chat("Hi", response_format={"type": "integer", "minimum": 1}, max_tokens=4)
         assert caught.value.field == "response_format.json_schema.schema"
+
+
+WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+        },
+    },
+}
+EMAIL_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {"name": "send_email", "parameters": {"type": "object", "properties": {"to": {"type": "string"}}}},
+}
+
+
+def test_tools_come_back_as_parsed_calls_and_a_tool_loop_goes_round(live: LiveServer) -> None:
+    tools = [WEATHER_TOOL, EMAIL_TOOL]
+    history: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    with SmolLMClient(live.url) as client:
+        answer = client.chat(history, tools=tools, tool_choice="get_weather", max_tokens=60, temperature=0)
+        assert answer.finish_reason == "tool_calls" and answer.text == ""
+        (call,) = answer.tool_calls
+        assert call.name == "get_weather" and call.id.startswith("call_")
+        assert isinstance(call.arguments["city"], str) and call.arguments["unit"] in ("celsius", "fahrenheit")
+        assert answer.usage.completion_tokens > 0 and answer.model_info["model_name"]
+
+        required = client.chat(history, tools=tools, tool_choice="required", max_tokens=60, temperature=0)
+        assert required.finish_reason == "tool_calls" and required.tool_calls[0].name in ("get_weather", "send_email")
+
+        history += [answer.assistant_message(), {"role": "tool", "tool_call_id": call.id, "content": "18 C, sunny"}]
+        assert history[1]["tool_calls"][0]["function"]["arguments"] == json.dumps(call.arguments)
+        final = client.chat(history, tools=tools, tool_choice="none", max_tokens=16, temperature=0)
+        assert final.text and not final.tool_calls and final.finish_reason in ("stop", "length")
+
+
+def test_a_tool_request_that_cannot_be_honoured_names_the_field(live: LiveServer) -> None:
+    attempts = Attempts()
+    with SmolLMClient(live.url, retry=quick_policy(attempts)) as client, pytest.raises(BadRequestError) as caught:
+        client.chat("Hi", tools=[WEATHER_TOOL], tool_choice="no_such_tool", max_tokens=4)
+    assert caught.value.status_code == 400 and caught.value.field == "tool_choice"
+    assert attempts.count == 1

@@ -7,6 +7,7 @@ Its answers are noise: nothing here looks at what it generates, only at what the
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import Iterator
@@ -18,10 +19,23 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 import production_shape as ps  # scripts/ is not a package
+from innova_smollm.engine.scheduler import GGUFEngine
+from tests.servers import LiveServer, make_settings, serve_in_thread
 
 pytestmark = [pytest.mark.system, pytest.mark.production_shape, pytest.mark.timeout(1800)]
 
 BOS, START_HEADER, END_HEADER, EOT = 128000, 128006, 128007, 128009
+#: The unit tier's copy of Llama 3.2's template (tests/unit/test_tools.py renders tools with it).
+TEMPLATE_FIXTURE = Path(__file__).resolve().parents[1] / "unit" / "data" / "llama-3.2-3b-instruct.jinja"
+WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        # An enum keeps the forced call a few tokens long whatever the noise model prefers.
+        "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"]},
+    },
+}
 SYSTEM, USER, ASSISTANT, DOUBLE_NEWLINE = 9125, 882, 78191, 271
 
 
@@ -133,3 +147,73 @@ def test_kv_cache_bytes_per_cell_follow_the_shape(shape_model: Path) -> None:
         assert per_cell <= grown <= per_cell + 16, grown
     finally:
         llama.close()
+
+
+def test_the_unit_tiers_template_is_the_ggufs(vocab: Any) -> None:
+    assert vocab.metadata["tokenizer.chat_template"] == TEMPLATE_FIXTURE.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def shape_server(shape_model: Path) -> Iterator[LiveServer]:
+    settings = make_settings(shape_model, parallel=1, max_tokens=64)
+    engine = GGUFEngine(settings)
+    try:
+        with serve_in_thread(settings, engine=engine) as server:
+            yield server
+    finally:
+        engine.close()
+
+
+def test_tools_go_through_llama_3_2s_template_and_a_forced_call_takes_its_shape(
+    shape_server: LiveServer, vocab: Any
+) -> None:
+    """The service renders the tools, an earlier call and its result with the model's own template (the prompt it
+    decodes has exactly the tokens of that rendering), and a forced call comes back parsed from the
+    ``{"name", "parameters"}`` shape that template asks for."""
+    from llama_cpp import llama_chat_format
+
+    history: list[Any] = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": '{"celsius": 18}'},
+        {"role": "user", "content": "And in Oslo?"},
+    ]
+    response = shape_server.post(
+        "/v1/chat/completions",
+        json={
+            "messages": history,
+            "tools": [WEATHER_TOOL],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "max_tokens": 48,
+            "temperature": 0,
+        },
+        timeout=900,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    # What Hugging Face and llama.cpp hand the template: the call's arguments as an object, the result as sent.
+    as_template_takes_it = [
+        history[0],
+        {**history[1], "tool_calls": [{**history[1]["tool_calls"][0], "function": {
+            "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {**history[2], "content": {"celsius": 18}},
+        history[3],
+    ]  # fmt: skip
+    formatter = llama_chat_format.Jinja2ChatFormatter(
+        template=vocab.metadata["tokenizer.chat_template"], eos_token="<|eot_id|>", bos_token="<|begin_of_text|>"
+    )
+    prompt = formatter(messages=as_template_takes_it, tools=[WEATHER_TOOL]).prompt
+    assert "Given the following functions" in prompt and "<|start_header_id|>ipython<|end_header_id|>" in prompt
+    expected = vocab.tokenize(prompt.encode(), add_bos=False, special=True)
+    assert body["usage"]["prompt_tokens"] == len(expected)
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Oslo")

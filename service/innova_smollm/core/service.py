@@ -12,10 +12,10 @@ import logging
 import queue
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from innova_smollm.core.admission import Admission, Ticket
 from innova_smollm.core.schema import ConstraintKind, OutputConstraint
@@ -290,7 +290,19 @@ class ModelService:
 
     # --- preparing requests -----------------------------------------------------------------------------------
 
-    def prepare_chat(self, messages: Sequence[ChatMessage], options: RequestOptions) -> Prepared:
+    def chat_template(self) -> str | None:
+        """The chat template the model renders conversations with; None while no model serves (the echo answers)."""
+        if self._unavailable() is not None or self._engine is None:
+            return None
+        return self._engine.chat_template
+
+    def prepare_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        options: RequestOptions,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Prepared:
+        """``tools`` go to the chat template (one that knows tools); a generic tools prompt is in ``messages``."""
         self._check_common(options)
         if not messages:
             raise InvalidRequestError("messages must hold at least one message", field="messages")
@@ -305,7 +317,7 @@ class ModelService:
             return self._echo(_last_user_text(messages), unavailable)
         assert self._engine is not None
         try:
-            tokens = self._engine.tokenize_chat(messages)
+            tokens = self._engine.tokenize_chat(messages, tools)
         except ServiceError:
             raise
         except Exception as exc:

@@ -9,6 +9,7 @@ This module is pure: no llama_cpp, no litestar.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -33,9 +34,58 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TemplateToolCall:
+    """An earlier tool call of an assistant turn, for a chat template that renders tool calls itself."""
+
+    id: str
+    name: str
+    #: The arguments as the caller sent them, a JSON string (OpenAI's shape).
+    arguments: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class ChatMessage:
     role: str
     content: str
+    #: An assistant turn's tool calls; only a chat template that knows tools gets them (see ``template_form``).
+    tool_calls: tuple[TemplateToolCall, ...] = ()
+    #: A ``tool`` turn's answer to which call.
+    tool_call_id: str | None = None
+
+    def template_form(self) -> dict[str, Any]:
+        """The message as Hugging Face chat templates take it (and llama.cpp hands it to them).
+
+        ``tool_calls`` are ``{"id", "type": "function", "function": {"name", "arguments"}}`` with ``arguments`` a
+        JSON object, not a string: templates write them with ``tojson`` (Llama 3.2's does). A tool result that is a
+        JSON object or array is passed parsed for the same reason (the template ``tojson``-s a mapping or a list);
+        any other tool result is passed as the string it is.
+        """
+        form: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            form["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": _json_or_text(call.arguments, object_only=True)},
+                }
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            form["tool_call_id"] = self.tool_call_id
+        if self.role == "tool":
+            form["content"] = _json_or_text(self.content, object_only=False)
+        return form
+
+
+def _json_or_text(text: str, *, object_only: bool) -> Any:
+    """``text`` parsed when it is a JSON object (or array, unless ``object_only``), else ``text`` itself."""
+    if not text.lstrip().startswith(("{",) if object_only else ("{", "[")):
+        return text
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, (dict, list)) else text
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,8 +237,19 @@ class Engine(Protocol):
         """Tokens of raw text, with the model's begin-of-sequence token when it uses one."""
         ...
 
-    def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Tokens of the conversation rendered with the model's chat template, ready for the answer."""
+    @property
+    def chat_template(self) -> str:
+        """The Jinja chat template the conversation is rendered with: the GGUF's, or the fallback."""
+        ...
+
+    def tokenize_chat(
+        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        """Tokens of the conversation rendered with the model's chat template, ready for the answer.
+
+        ``tools`` (OpenAI's ``{"type": "function", "function": {...}}`` entries) go to the template as its
+        ``tools`` variable: only for a template that knows tools (see :mod:`innova_smollm.http.openai.tools`).
+        """
         ...
 
     def tokenize_text(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:

@@ -10,7 +10,7 @@ import ctypes
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,9 +137,17 @@ class GGUFModel:
         """The bytes of one token, special tokens rendered as their text (``<|im_end|>``)."""
         return token_piece(self.vocab, token, special=True)
 
-    def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        conversation: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
-        rendered = self._chat_formatter(messages=conversation)
+    @property
+    def chat_template(self) -> str:
+        return self._chat_formatter.template
+
+    def tokenize_chat(
+        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        conversation: list[Any] = [m.template_form() for m in messages]
+        # The template sees ``tools`` as the request gave them (OpenAI's shape), None when there are none.
+        listed: Any = [dict(t) for t in tools] if tools else None
+        rendered = self._chat_formatter(messages=conversation, tools=listed)
         # The template writes the special tokens (BOS included) itself, so none are added here.
         tokens: list[int] = self.llama.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
         return tokens

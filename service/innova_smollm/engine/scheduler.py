@@ -228,8 +228,14 @@ class GGUFEngine:
     def tokenize(self, text: str) -> list[int]:
         return self._model.tokenize(text)
 
-    def tokenize_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        return self._model.tokenize_chat(messages)
+    @property
+    def chat_template(self) -> str:
+        return self._model.chat_template
+
+    def tokenize_chat(
+        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        return self._model.tokenize_chat(messages, tools)
 
     def tokenize_text(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         return self._model.tokenize_text(text, add_special=add_special, parse_special=parse_special)

@@ -18,6 +18,15 @@ Example::
             for chunk in chunks:
                 print(chunk, end="", flush=True)
         print(chunks.result.finish_reason)
+
+Tools (answered by the OpenAI-compatible route, ``/v1/chat/completions``, which is where the service takes them)::
+
+        weather = {"type": "function", "function": {"name": "get_weather", "parameters": {...}}}
+        history = [{"role": "user", "content": "Weather in Paris?"}]
+        answer = client.chat(history, tools=[weather], tool_choice="required")
+        (call,) = answer.tool_calls  # call.name, call.arguments (a dict), call.id
+        history += [answer.assistant_message(), {"role": "tool", "tool_call_id": call.id, "content": "18 C"}]
+        print(client.chat(history, tools=[weather]).text)
 """
 
 from __future__ import annotations
@@ -50,7 +59,9 @@ CHATLAYA_MESSAGE: Final = "/innova/api/chatlaya/message"
 DEFAULT_TIMEOUT: Final = (3.05, 300.0)
 
 Timeout = tuple[float, float]
-Messages = str | Sequence[Mapping[str, str]]
+#: One user message, or ``{"role", "content"}`` messages (with ``tool_calls`` / ``tool_call_id`` in a tool loop).
+Messages = str | Sequence[Mapping[str, Any]]
+OPENAI_CHAT: Final = "/v1/chat/completions"
 
 #: 503 states that no amount of waiting fixes: an operator has to act, so retrying only delays the bad news.
 PERMANENT_STATES: Final = frozenset({"error", "disabled"})
@@ -145,8 +156,23 @@ class Usage:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ToolCall:
+    """A tool call the model made. Run the tool with ``arguments``, then send its result back as a message
+    ``{"role": "tool", "tool_call_id": id, "content": ...}`` after :meth:`Completion.assistant_message`."""
+
+    id: str
+    name: str
+    #: The arguments, parsed: with ``tool_choice`` ``required`` or a named tool they follow its ``parameters``.
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
 class Completion:
-    """A finished answer: the text of /chat (``response``) or /generate (``text``), or of a whole stream."""
+    """A finished answer: the text of /chat (``response``) or /generate (``text``), or of a whole stream.
+
+    An answer with ``tools`` comes from ``/v1/chat/completions``: ``finish_reason`` is ``tool_calls`` when it is a
+    call (``text`` is then empty), ``model_info`` holds ``model_name`` only, and there are no ``timings``.
+    """
 
     text: str
     finish_reason: str
@@ -158,6 +184,25 @@ class Completion:
     #: With ``response_format``: the answer parsed (JSON, or an instance of the pydantic model given), when it
     #: finished with ``stop``; None otherwise (an answer cut by max_tokens is unfinished JSON).
     parsed: Any = None
+    #: With ``tools``: the calls the answer makes (one at most: the service makes one call per answer).
+    tool_calls: tuple[ToolCall, ...] = ()
+
+    def assistant_message(self) -> dict[str, Any]:
+        """This answer as the assistant turn to append to the history, tool calls included (OpenAI's shape)."""
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": self.text if self.text or not self.tool_calls else None,
+        }
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)},
+                }
+                for call in self.tool_calls
+            ]
+        return message
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -313,8 +358,17 @@ class SmolLMClient:
         presence_penalty, logit_bias, stop, seed, grammar (as the API names them), and ``response_format``: the
         API's own dict, a JSON schema (a dict), or a pydantic model class; with a schema or a model the answer is
         constrained to it and comes back parsed in ``Completion.parsed`` (validated by the model's class).
+
+        ``tools`` (OpenAI's ``{"type": "function", "function": {"name", "description", "parameters"}}``) and
+        ``tool_choice`` (``auto``, ``none``, ``required``, a tool's name, or OpenAI's dict) send the request to
+        ``/v1/chat/completions`` (``grammar`` is not taken there); the calls come back parsed in
+        ``Completion.tool_calls``. Messages may then carry ``tool_calls`` and ``tool_call_id`` (a tool loop).
         """
         options, parse = _response_format(options)
+        if "tools" in options or "tool_choice" in options:
+            payload = _tools_payload(messages, options)
+            body = self._json("POST", OPENAI_CHAT, payload=payload, timeout=timeout, retry=retry)
+            return parse(_openai_completion(body))
         body = self._json("POST", f"{API}/chat", payload=_chat_payload(messages, options), timeout=timeout, retry=retry)
         return parse(_completion(body, text_key="response"))
 
@@ -541,6 +595,54 @@ def _chat_payload(messages: Messages, options: Mapping[str, Any]) -> dict[str, A
     return {**_options(options), "messages": listed}
 
 
+def _tools_payload(messages: Messages, options: Mapping[str, Any]) -> dict[str, Any]:
+    """An OpenAI chat request: the messages as given (tool calls and results included), the tool choice by name."""
+    if isinstance(messages, str):
+        listed: list[dict[str, Any]] = [{"role": "user", "content": messages}]
+    else:
+        listed = [dict(m) for m in messages]
+    payload = _options(options)
+    tools = payload.get("tools")
+    if tools is not None:
+        payload["tools"] = list(tools)
+    choice = payload.get("tool_choice")
+    if isinstance(choice, str) and choice not in ("auto", "none", "required"):
+        payload["tool_choice"] = {"type": "function", "function": {"name": choice}}
+    return {**payload, "messages": listed}
+
+
+def _openai_completion(body: Mapping[str, Any]) -> Completion:
+    try:
+        (choice,) = body["choices"]
+        message = choice["message"]
+        usage = body["usage"]
+        calls = tuple(
+            ToolCall(id=str(call["id"]), name=str(call["function"]["name"]), arguments=_arguments(call))
+            for call in message.get("tool_calls") or ()
+        )
+        return Completion(
+            text=str(message.get("content") or ""),
+            finish_reason=str(choice["finish_reason"]),
+            usage=Usage(
+                prompt_tokens=int(usage["prompt_tokens"]),
+                completion_tokens=int(usage["completion_tokens"]),
+                total_tokens=int(usage["total_tokens"]),
+            ),
+            model_info={"model_name": body.get("model")},
+            timings={},
+            tool_calls=calls,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UnexpectedResponseError(f"an answer without the expected fields ({exc!r}): {dict(body)!r:.300}") from None
+
+
+def _arguments(call: Mapping[str, Any]) -> dict[str, Any]:
+    arguments = json.loads(call["function"]["arguments"])
+    if not isinstance(arguments, dict):
+        raise ValueError(f"the arguments of a call to {call['function']['name']!r} are not a JSON object")
+    return arguments
+
+
 def _reason(exc: BaseException) -> str:
     """'connection refused' rather than urllib3's pool and adapter reprs, when the cause is a common one."""
     text = str(exc)
@@ -592,7 +694,7 @@ def _error_from(response: requests.Response) -> SmolLMClientError:
             f"{where}: {status} {message}",
             status_code=status,
             error_type=error_type,
-            field=error.get("field"),
+            field=error.get("field", error.get("param")),  # /v1 routes name it as OpenAI does
             details=details,
         )
     if parsed is None:

@@ -29,6 +29,7 @@ from innova_smollm.http.openai.serving import (
     served_model,
     tool_plan_of,
 )
+from innova_smollm.http.openai.tools import template_tools
 from innova_smollm.http.requestlog import note
 from innova_smollm.http.streaming import answer
 
@@ -52,12 +53,14 @@ class OpenAIController(Controller):
         data: JSONBody[oai.ChatCompletionRequest],
         service: NamedDependency[ModelService],
     ) -> oai.ChatCompletion | Response[Any]:
-        plan = tool_plan_of(data)
-        messages = messages_of(data, plan)
+        template = template_tools(service.chat_template())
+        plan = tool_plan_of(data, template)
+        messages = messages_of(data, plan, template)
         options = options_of(data, plan)
         note(request.scope, messages=[{"role": m.role, "content": m.content} for m in messages])
+        tools = plan.template_tools() if plan is not None else None
         # Rendering the template and tokenizing a long conversation is CPU work: keep it off the event loop.
-        prepared = await anyio.to_thread.run_sync(service.prepare_chat, messages, options)
+        prepared = await anyio.to_thread.run_sync(service.prepare_chat, messages, options, tools)
         wire = OpenAIWire(ChatAnswer(model_name(service, prepared), plan), include_usage=data.include_usage)
         result: oai.ChatCompletion | Response[Any] = await answer(request, service, prepared, wire, stream=data.stream)
         return result

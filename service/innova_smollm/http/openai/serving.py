@@ -41,7 +41,15 @@ from innova_smollm.http.openai.protocol import (
     TopLogprob,
     Usage,
 )
-from innova_smollm.http.openai.tools import ParsedCall, ToolPlan, may_be_a_call, parse_call, plan_tools, render_messages
+from innova_smollm.http.openai.tools import (
+    ParsedCall,
+    TemplateTools,
+    ToolPlan,
+    may_be_a_call,
+    parse_call,
+    plan_tools,
+    render_messages,
+)
 from innova_smollm.http.streaming import frame
 
 DONE = b"data: [DONE]\n\n"
@@ -78,8 +86,9 @@ def _refuse_what_is_asked(owner: object, rules: dict[str, tuple[tuple[object, ..
             raise InvalidRequestError(f"{prefix}{name}={value!r} is not supported: {why}", field=f"{prefix}{name}")
 
 
-def tool_plan_of(request: ChatCompletionRequest) -> ToolPlan | None:
-    return plan_tools(request.tools, request.tool_choice)
+def tool_plan_of(request: ChatCompletionRequest, template: TemplateTools | None = None) -> ToolPlan | None:
+    """``template``: the model's chat template when it knows tools (:func:`.tools.template_tools`)."""
+    return plan_tools(request.tools, request.tool_choice, template)
 
 
 def _logprobs_of(request: Sampling) -> int | None:
@@ -127,7 +136,9 @@ def _constraint(request: Sampling, plan: ToolPlan | None) -> OutputConstraint | 
     return plan.constraint()
 
 
-def messages_of(request: ChatCompletionRequest, plan: ToolPlan | None = None) -> list[ChatMessage]:
+def messages_of(
+    request: ChatCompletionRequest, plan: ToolPlan | None = None, template: TemplateTools | None = None
+) -> list[ChatMessage]:
     for index, message in enumerate(request.messages):
         if message.role == "tool" and not message.tool_call_id:
             raise InvalidRequestError("a tool message needs tool_call_id", field=f"messages[{index}].tool_call_id")
@@ -136,7 +147,7 @@ def messages_of(request: ChatCompletionRequest, plan: ToolPlan | None = None) ->
         if message.role != "assistant" and message.tool_calls:
             raise InvalidRequestError("tool_calls belong on assistant messages", field=f"messages[{index}].tool_calls")
     texts = [_text_of(m.content, index) for index, m in enumerate(request.messages)]
-    return render_messages(request.messages, plan, texts)
+    return render_messages(request.messages, plan, texts, template)
 
 
 def _text_of(content: str | list[ContentPart] | None, index: int) -> str:
