@@ -66,6 +66,11 @@ log = logging.getLogger(__name__)
 #: the one that decodes, so this one is kept minimal to avoid paying for a second KV cache.
 TOKENIZER_ONLY_N_CTX = 256
 
+#: With one KV stream per sequence, llama.cpp copies only whole streams: a running sequence's prefix is copied only
+#: when it is at least this fraction (1/64) of the window. Copying a stream costs about as much as decoding a few
+#: tokens of a small model (SmolLM2 at 4096 tokens: 94 MB); of a 3B model, much less than one token.
+WHOLE_STREAM_COPY_MIN_SHARE = 64
+
 #: Largest number of tokens in one llama_decode call.
 MAX_BATCH_TOKENS = 512
 
@@ -383,7 +388,10 @@ class GGUFEngine:
         the prefix's length."""
         saved, saved_reuse = self._saved.best_for(prompt) if self._saved is not None else (None, 0)
         source, shared = self._running_prefix(prompt) if self._prompt_cache else (None, 0)
-        if source is not None and shared >= max(reusable, saved_reuse) + MIN_SAVED_STATE_GAIN:
+        worth = shared >= max(reusable, saved_reuse) + MIN_SAVED_STATE_GAIN
+        if self._per_sequence:  # a whole stream is copied: for a few tokens, decoding them is cheaper
+            worth = worth and shared * WHOLE_STREAM_COPY_MIN_SHARE >= self._n_ctx
+        if source is not None and worth:
             self._save_state(seq_id, cached, keep=0)
             if cached:
                 self._trim(seq_id, keep=0)
