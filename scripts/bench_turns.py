@@ -143,9 +143,9 @@ def converse(peer: str, port: int, args: argparse.Namespace) -> Conversation:
         print(f"  {peer} turn {turn + 1}: first token {ttft:.2f} s, {decoded} prompt tokens decoded", flush=True)
         messages.append({"role": "assistant", "content": answer})
     # The bar: a prompt of as many tokens as the last turn decoded, alone (" hello" is one token in these vocabularies;
-    # the server adds the BOS token).
+    # the server adds the BOS token). Each conversation has a server of its own, so nothing cached can serve it.
     words = max(result.turns[-1].decoded - 1, 1)
-    alone = "hello" + " hello" * (words - 1) + f" {time.time_ns()}"  # unique: nothing cached can serve it
+    alone = "hello" + " hello" * (words - 1)
     body = {"model": "bench", "prompt": alone, "max_tokens": 1, "temperature": 0}
     result.alone_ttft_s, _, _ = post(port, "/v1/completions", body, args.timeout)
     print(f"  {peer} the new turn alone: first token {result.alone_ttft_s:.2f} s", flush=True)
