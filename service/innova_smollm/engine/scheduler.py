@@ -62,10 +62,6 @@ from innova_smollm.settings import KVLayout, Settings
 
 log = logging.getLogger(__name__)
 
-#: Context size of the Llama object used only for tokenizing and the chat template; the batched context below is
-#: the one that decodes, so this one is kept minimal to avoid paying for a second KV cache.
-TOKENIZER_ONLY_N_CTX = 256
-
 #: Largest number of tokens in one llama_decode call.
 MAX_BATCH_TOKENS = 512
 
@@ -131,7 +127,7 @@ class GGUFEngine:
     def __init__(self, settings: Settings) -> None:
         path = settings.model_path
         started = time.perf_counter()
-        self._model = GGUFModel(path, settings, n_ctx=TOKENIZER_ONLY_N_CTX)
+        self._model = GGUFModel(path, settings)
         self._llama = self._model.llama
         self._vocab = self._model.vocab
         self._parallel = settings.parallel
@@ -169,7 +165,7 @@ class GGUFEngine:
         for i in range(self._n_batch):
             self._batch_n_seq_id[i] = 1
         self.pieces = self._model.pieces
-        self._n_vocab = int(self._model.llama.n_vocab())
+        self._n_vocab = self._model.llama.n_vocab()
         self._greedy = LogitRows(self._ctx, self._n_vocab)
         self._candidates = Candidates(self._ctx, self._n_vocab, self._greedy)
 
