@@ -21,10 +21,12 @@ from typing import Any
 import llama_cpp
 from llama_cpp import llama_chat_format
 
+from innova_smollm.core.memory_budget import MemoryBudget
 from innova_smollm.core.types import (
     ChatMessage,
     ModelMetadata,
 )
+from innova_smollm.engine.kv_cache import resolve_kv_layout
 from innova_smollm.errors import ModelLoadError
 from innova_smollm.settings import KVLayout, Settings, display_name
 
@@ -181,16 +183,7 @@ class GGUFModel:
         )
 
     def kv_bytes_per_cell(self) -> int:
-        """Bytes one KV cell takes in every layer: one token's keys and values at f16, llama.cpp's default."""
-        model = self.llama.model
-        meta = self.llama.metadata
-        arch = meta.get("general.architecture", "")
-        n_head = max(int(llama_cpp.llama_model_n_head(model)), 1)
-        head_dim = int(llama_cpp.llama_model_n_embd(model)) // n_head
-        key_dim = int(meta.get(f"{arch}.attention.key_length", head_dim))
-        value_dim = int(meta.get(f"{arch}.attention.value_length", head_dim))
-        n_head_kv = int(llama_cpp.llama_model_n_head_kv(model))
-        return int(llama_cpp.llama_model_n_layer(model)) * n_head_kv * (key_dim + value_dim) * 2
+        return self.llama.kv_bytes_per_cell()
 
     def close(self) -> None:
         self.llama.close()
@@ -247,9 +240,12 @@ class LlamaModel:
         self.metadata: dict[str, str] = _read_metadata(model)
 
     @classmethod
-    def load(cls, path: Path, *, n_gpu_layers: int, use_mmap: bool) -> LlamaModel:
+    def load(cls, path: Path, *, n_gpu_layers: int, use_mmap: bool, shape_only: bool = False) -> LlamaModel:
+        """``shape_only``: the metadata, the shape and the vocabulary, no weights allocated or read (llama.cpp's
+        ``no_alloc``; ``vocab_only`` would skip the hyperparameters a memory budget needs)."""
         _init_llama_backend()
         params = llama_cpp.llama_model_default_params()
+        params.no_alloc = shape_only
         params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers  # INT32_MAX: every layer
         params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
         model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), params)
@@ -268,6 +264,17 @@ class LlamaModel:
 
     def detokenize(self, tokens: Sequence[int], *, special: bool) -> bytes:
         return b"".join(token_piece(self.vocab, token, special=special) for token in tokens)
+
+    def kv_bytes_per_cell(self) -> int:
+        """Bytes one KV cell takes in every layer: one token's keys and values at f16, llama.cpp's default."""
+        model = self.model
+        arch = self.metadata.get("general.architecture", "")
+        n_head = max(int(llama_cpp.llama_model_n_head(model)), 1)
+        head_dim = int(llama_cpp.llama_model_n_embd(model)) // n_head
+        key_dim = int(self.metadata.get(f"{arch}.attention.key_length", head_dim))
+        value_dim = int(self.metadata.get(f"{arch}.attention.value_length", head_dim))
+        n_head_kv = int(llama_cpp.llama_model_n_head_kv(model))
+        return int(llama_cpp.llama_model_n_layer(model)) * n_head_kv * (key_dim + value_dim) * 2
 
     def n_vocab(self) -> int:
         return int(llama_cpp.llama_vocab_n_tokens(self.vocab))
@@ -332,3 +339,22 @@ def _forward_llama_cpp_errors(level: int, text: bytes, user_data: Any) -> None:
 
 #: The C callback, held here for as long as llama.cpp may call it.
 _LLAMA_LOG_CALLBACK = llama_cpp.llama_log_callback(_forward_llama_cpp_errors)
+
+
+def memory_budget(path: Path, settings: Settings) -> MemoryBudget:
+    """What the service may hold with ``path`` at ``settings`` (core/memory_budget.py): the file's size, the KV
+    cache in the layout the engine would choose, and the margin. Reads the GGUF's shape only, not its weights."""
+    check_model_file(path)
+    model = LlamaModel.load(path, n_gpu_layers=0, use_mmap=False, shape_only=True)
+    try:
+        per_cell = model.kv_bytes_per_cell()
+    finally:
+        model.close()
+    layout = resolve_kv_layout(settings.kv_layout, parallel=settings.parallel, window_bytes=settings.n_ctx * per_cell)
+    return MemoryBudget(
+        model_file_bytes=path.stat().st_size,
+        kv_layout=layout,
+        n_ctx=settings.n_ctx,
+        parallel=settings.parallel,
+        kv_bytes_per_cell=per_cell,
+    )
