@@ -53,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget.add_argument(
         "--kv-layout", choices=[layout.value for layout in KVLayout], default=None, help="SMOLLM_KV_LAYOUT"
     )
+    budget.add_argument(
+        "--margin-mb", type=int, default=150, help="MB (10^6 bytes) beside the weights and the KV cache (150)"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
@@ -60,7 +63,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "chat":
             return chat_once(Settings.from_env(), args.text, args.system, args.max_tokens, args.temperature)
         if args.command == "memory-budget":
-            return print_memory_budget(args.path, n_ctx=args.n_ctx, parallel=args.parallel, kv_layout=args.kv_layout)
+            return print_memory_budget(
+                args.path,
+                n_ctx=args.n_ctx,
+                parallel=args.parallel,
+                kv_layout=args.kv_layout,
+                margin_bytes=args.margin_mb * 1000 * 1000,
+            )
         return check_model(args.path, as_json=args.json)
     except ServiceError as exc:
         print(f"innova-smollm: {exc.message}", file=sys.stderr)
@@ -172,7 +181,9 @@ def check_model(path: Path, *, as_json: bool) -> int:
     return 0
 
 
-def print_memory_budget(path: Path, *, n_ctx: int | None, parallel: int | None, kv_layout: str | None) -> int:
+def print_memory_budget(
+    path: Path, *, n_ctx: int | None, parallel: int | None, kv_layout: str | None, margin_bytes: int
+) -> int:
     """The role innova_backend runs this on the host to set the unit's MemoryMax (core/memory_budget.py)."""
     _engine_loader()  # says which extra is missing before llama_cpp is imported
     from innova_smollm.engine.model import memory_budget
@@ -186,7 +197,8 @@ def print_memory_budget(path: Path, *, n_ctx: int | None, parallel: int | None, 
     if kv_layout is not None:
         overrides["kv_layout"] = KVLayout(kv_layout)
     settings = dataclasses.replace(settings, **overrides)  # type: ignore[arg-type]
-    print(json.dumps(memory_budget(settings.model_path, settings).as_dict()))
+    budget = dataclasses.replace(memory_budget(settings.model_path, settings), margin_bytes=margin_bytes)
+    print(json.dumps(budget.as_dict()))
     return 0
 
 
