@@ -46,6 +46,17 @@ PROMPTS = (
     "Write a letter to a friend about a trip to the mountains.",
     "Describe a busy market in a port city at dawn.",
 )
+#: A system prompt of about 150 tokens: four of them fill a 512-token prefill step, which touches all of llama.cpp's
+#: compute buffer (reserved for n_ubatch tokens but resident only once a step that large ran): the worst case.
+SYSTEM = (
+    "You are the assistant of a regional cooperative that sells farm produce, tools and seeds. Answer in plain "
+    "English, in short paragraphs, and never invent prices, dates or stock levels: when you do not know, say so "
+    "and suggest who to ask. Members ask about orders, deliveries, invoices, the opening hours of the depots, "
+    "the rules of the loyalty programme and the workshops the cooperative runs each season. Be polite and brief, "
+    "use the member's words, and end each answer with one question that helps the member go on. If a question is "
+    "about health, law or money beyond the cooperative's own services, say that you cannot advise and point to a "
+    "professional. Keep every answer under two hundred words unless the member asks for more detail."
+)
 
 
 def free_port() -> int:
@@ -144,7 +155,7 @@ def one_run(name: str, tree: Path, args: argparse.Namespace, bias: dict[str, int
         def ask(prompt: str) -> None:
             body = {
                 "model": "x",
-                "messages": [{"role": "user", "content": prompt}],
+                "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
                 "max_tokens": args.max_tokens,
                 "temperature": 0.7,
                 "logit_bias": bias,
