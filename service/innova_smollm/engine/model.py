@@ -251,9 +251,7 @@ class LlamaModel:
         model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), params)
         if not model:
             raise ModelLoadError(f"llama.cpp could not load {path} (n_gpu_layers={n_gpu_layers}; see its log above)")
-        loaded = cls(model)
-        return_freed_heap()
-        return loaded
+        return cls(model)
 
     def tokenize(self, text: bytes, *, add_bos: bool, special: bool) -> list[int]:
         size = len(text) + 2  # a token covers at least one byte, plus BOS and EOS
@@ -291,20 +289,6 @@ class LlamaModel:
         if self.model is not None:
             llama_cpp.llama_model_free(self.model)
             self.model = None
-
-
-def return_freed_heap() -> None:
-    """Give the C heap's free pages back to the kernel (glibc's ``malloc_trim(0)``).
-
-    Reading the weights (``SMOLLM_USE_MMAP=false``) leaves llama.cpp's freed read buffers in glibc's heap, resident
-    but unused (15 MiB for the 3B shape), and the service's memory budget (core/memory_budget.py) has no room for
-    them. A C library without ``malloc_trim`` (musl) is left as it is.
-    """
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim(0)
 
 
 def _read_metadata(model: Any) -> dict[str, str]:
