@@ -158,7 +158,7 @@ class GGUFModel:
         load_time_s: float,
         kv_layout: KVLayout,
     ) -> ModelMetadata:
-        meta = self.llama.metadata
+        meta: dict[str, Any] = self.llama.metadata
         file_type = int(meta.get("general.file_type", -1))
         return ModelMetadata(
             name=display_name(self.path),
@@ -204,7 +204,7 @@ class GGUFModel:
     def _special_token_text(self, token: int) -> str:
         if token < 0:
             return ""
-        return self.llama.detokenize([token], special=True).decode("utf-8", errors="replace")
+        return bytes(self.llama.detokenize([token], special=True)).decode("utf-8", errors="replace")
 
 
 def open_model(path: Path, settings: Settings) -> tuple[LlamaModel, int]:
