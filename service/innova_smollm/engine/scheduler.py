@@ -165,7 +165,7 @@ class GGUFEngine:
         for i in range(self._n_batch):
             self._batch_n_seq_id[i] = 1
         self.pieces = self._model.pieces
-        self._n_vocab = self._model.llama.n_vocab()
+        self._n_vocab = int(self._model.llama.n_vocab())
         self._greedy = LogitRows(self._ctx, self._n_vocab)
         self._candidates = Candidates(self._ctx, self._n_vocab, self._greedy)
 
