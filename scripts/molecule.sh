@@ -5,6 +5,8 @@
 #   scripts/molecule.sh test default     # any molecule subcommand + scenario (converge, verify, login, destroy...)
 #   scripts/molecule.sh converge default # keep the container for debugging; then `... destroy default`
 #   scripts/molecule.sh converge default -- --check --diff   # extra arguments go to ansible-playbook
+#   scripts/molecule.sh test production_shape   # the 3B-shaped model under the role's computed MemoryMax; needs
+#                                               # `scripts/fetch_model.py llama32-3b-shape` once (cached)
 #
 # It prepares everything a fresh Debian 12 machine lacks, and caches what it can between runs:
 #   1. apt: podman, runc, debootstrap (only when missing)
@@ -91,6 +93,25 @@ for _ in range(100):
 PY
 export INNOVA_MODEL_URL="http://127.0.0.1:$http_port/SmolLM2-135M-Instruct.Q4_1.gguf" INNOVA_MODEL_FILE="$model"
 export INNOVA_TEST_PORT="${INNOVA_TEST_PORT:-$(free_port 18400 18499)}"
+if [[ "$scenario" == production_shape ]]; then
+  # The production-shaped 3B model, copied from the controller's cache into the container (innova_model_src).
+  # Building it takes about 17 minutes on 2 cores, so this run does not: it says how, and fails.
+  shape="$("$venv/bin/python" - <<'PY'
+import sys
+sys.path.insert(0, "scripts")
+import production_shape as ps
+model = ps.cached_model(verify_sha256=False)
+if model is None:
+    sys.exit(
+        f"molecule.sh: the production-shaped model is not cached in {ps.default_cache_dir()}: build it once with "
+        "`.venv/bin/python scripts/fetch_model.py llama32-3b-shape` (about 17 minutes on 2 cores; later runs reuse it)"
+    )
+print(model, ps.read_record(model)["sha256"])
+PY
+)"
+  export INNOVA_SHAPE_MODEL="${shape% *}" INNOVA_SHAPE_SHA256="${shape#* }"
+  log "production-shaped model $INNOVA_SHAPE_MODEL (sha256 $INNOVA_SHAPE_SHA256)"
+fi
 if [[ "$scenario" == fleet ]]; then
   # Three backends, the balancer and its metrics listener, each on its own free loopback port.
   export INNOVA_FLEET_PORT_1="${INNOVA_FLEET_PORT_1:-$(free_port 18600 18619)}"

@@ -1,4 +1,4 @@
-"""The ``innova-smollm`` command: ``serve``, ``chat "text"`` and ``check-model PATH``."""
+"""The ``innova-smollm`` command: ``serve``, ``chat "text"``, ``check-model PATH`` and ``memory-budget PATH``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from innova_smollm.errors import ServiceError
-from innova_smollm.settings import Settings
+from innova_smollm.settings import KVLayout, Settings
 
 if TYPE_CHECKING:
     from innova_smollm.core.types import Engine
@@ -43,12 +43,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = commands.add_parser("check-model", help="load a GGUF, generate a few tokens, print its metadata")
     check.add_argument("path", type=Path)
     check.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    budget = commands.add_parser(
+        "memory-budget",
+        help="print as JSON the memory the service may hold with a model: file + KV cache + margin (MemoryMax)",
+    )
+    budget.add_argument("path", type=Path)
+    budget.add_argument("--n-ctx", type=int, default=None, help="SMOLLM_N_CTX (default: the environment's)")
+    budget.add_argument("--parallel", type=int, default=None, help="SMOLLM_PARALLEL (default: the environment's)")
+    budget.add_argument(
+        "--kv-layout", choices=[layout.value for layout in KVLayout], default=None, help="SMOLLM_KV_LAYOUT"
+    )
+    budget.add_argument(
+        "--margin-mb", type=int, default=150, help="MB (10^6 bytes) beside the weights and the KV cache (150)"
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             return serve(Settings.from_env())
         if args.command == "chat":
             return chat_once(Settings.from_env(), args.text, args.system, args.max_tokens, args.temperature)
+        if args.command == "memory-budget":
+            return print_memory_budget(
+                args.path,
+                n_ctx=args.n_ctx,
+                parallel=args.parallel,
+                kv_layout=args.kv_layout,
+                margin_bytes=args.margin_mb * 1000 * 1000,
+            )
         return check_model(args.path, as_json=args.json)
     except ServiceError as exc:
         print(f"innova-smollm: {exc.message}", file=sys.stderr)
@@ -157,6 +178,27 @@ def check_model(path: Path, *, as_json: bool) -> int:
         print(f"check-model: OK: {path}")
         for key, value in meta.items():
             print(f"  {key}: {value}")
+    return 0
+
+
+def print_memory_budget(
+    path: Path, *, n_ctx: int | None, parallel: int | None, kv_layout: str | None, margin_bytes: int
+) -> int:
+    """The role innova_backend runs this on the host to set the unit's MemoryMax (core/memory_budget.py)."""
+    _engine_loader()  # says which extra is missing before llama_cpp is imported
+    from innova_smollm.engine.model import memory_budget
+
+    settings = Settings.from_env()
+    overrides: dict[str, object] = {"model_path": path.resolve()}
+    if n_ctx is not None:
+        overrides["n_ctx"] = n_ctx
+    if parallel is not None:
+        overrides["parallel"] = parallel
+    if kv_layout is not None:
+        overrides["kv_layout"] = KVLayout(kv_layout)
+    settings = dataclasses.replace(settings, **overrides)  # type: ignore[arg-type]
+    budget = dataclasses.replace(memory_budget(settings.model_path, settings), margin_bytes=margin_bytes)
+    print(json.dumps(budget.as_dict()))
     return 0
 
 

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from innova_smollm.engine.scheduler import GGUFEngine
 from innova_smollm.settings import Settings
-from tests.servers import API, LONG_PROMPT, LiveServer, make_settings, serve_in_thread, wait_until
+from tests.servers import API, LONG_PROMPT, LiveServer, make_settings, run_service, serve_in_thread, wait_until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -185,3 +185,44 @@ def test_prompt_cache_figures_count_reused_tokens_and_saved_states(model_path: P
     assert moved(before, after, "smollm_prompt_states_total", event="saved") >= 1
     assert moved(before, after, "smollm_prompt_states_total", event="restored") >= 1
     assert value(after, "smollm_prompt_states_bytes") > 0
+
+
+def _proc_memory(pid: int) -> dict[str, float]:
+    fields = {"VmRSS": "rss", "RssAnon": "rss_anon", "RssFile": "rss_file", "VmSwap": "swap"}
+    memory: dict[str, float] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in fields:
+            memory[fields[name]] = float(rest.split()[0]) * 1024  # the kernel writes kB meaning KiB
+    return memory
+
+
+def test_process_memory_is_the_serving_process_own_proc_status(model_path: Path) -> None:
+    """The figures are those of the service's process (its own /proc/<pid>/status), in bytes, per field."""
+    with run_service({"SMOLLM_MODEL_PATH": str(model_path)}) as service:
+        assert wait_until(lambda: requests.get(f"{service.url}{API}/health", timeout=5).status_code == 200, timeout=60)
+        reply = requests.post(
+            f"{service.url}{API}/chat",
+            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8},
+            timeout=120,
+        )
+        assert reply.status_code == 200
+        pid = service.process.pid
+        before = _proc_memory(pid)
+        metrics = requests.get(f"{service.url}/metrics", timeout=30)
+        after = _proc_memory(pid)
+    samples = {
+        sample.labels["kind"]: sample.value
+        for family in text_string_to_metric_families(metrics.text)
+        for sample in family.samples
+        if sample.name == "smollm_process_memory_bytes"
+    }
+    assert set(samples) == {"rss", "rss_anon", "rss_file", "swap"}
+    # RSS moves a little while the scrape is answered: the exported figure lies between the readings around it,
+    # give or take 4 MiB. A wrong unit (x1000), field or process would be off by tens to hundreds of MiB.
+    slack = 4 * 2**20
+    for kind, exported in samples.items():
+        low, high = sorted((before[kind], after[kind]))
+        assert low - slack <= exported <= high + slack, (kind, exported, before[kind], after[kind])
+    assert samples["rss"] > samples["rss_file"] > 0
+    assert abs(samples["rss"] - samples["rss_anon"] - samples["rss_file"]) <= slack  # RssShmem is all that is left

@@ -11,6 +11,9 @@ kept in build/ for the failure report. Scenarios (tests/molecule/):
 - fleet: HAProxy (role innova_lb) in front of three backends with SMOLLM_PARALLEL=2: slot-aware balancing, kill -9 and
   SIGSTOP of a backend under load, a drain drill and a rolling model upgrade, drained host by host, with 0 failed
   requests; each drill's summary is printed (for docs/fleet.md).
+- production_shape: the production-shaped 3B model copied from the controller, the production inventory's settings,
+  the role's computed MemoryMax; four concurrent requests, then no OOM kill, no restart, no swap, resident memory
+  under MemoryMax and /metrics memory equal to /proc (the summary is quoted in docs/performance.md).
 """
 
 from __future__ import annotations
@@ -88,3 +91,24 @@ def test_molecule_fleet_scenario() -> None:
     # verify.yml asserts each drill; this only checks that all five ran (and printed their summaries).
     for drill in drills:
         assert any(drill in line for line in summaries), f"no summary of {drill!r} in build/molecule-fleet.log"
+
+
+@pytest.mark.timeout(1800)
+def test_molecule_production_shape_scenario() -> None:
+    """The 3B-shaped model under the role's computed MemoryMax: 4 requests, no OOM, no swap, /metrics = /proc."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import production_shape  # scripts/ is not a package
+
+    if production_shape.cached_model(verify_sha256=False) is None:
+        pytest.fail(
+            f"the production-shaped model is not cached in {production_shape.default_cache_dir()}: build it once with "
+            "`.venv/bin/python scripts/fetch_model.py llama32-3b-shape` (about 17 minutes on 2 cores)",
+            pytrace=False,
+        )
+    text = _run(
+        "molecule-production-shape", ["bash", "scripts/molecule.sh", "test", "production_shape"], timeout_s=1700
+    )
+    summaries = [line.strip() for line in text.splitlines() if '"msg":' in line and "production shape:" in line]
+    assert summaries, "no summary line in build/molecule-production-shape.log"
+    for line in summaries:
+        print(line)  # for docs/performance.md

@@ -1,5 +1,9 @@
 """A GGUF file opened for what the engine needs besides decoding: tokens, the chat template, a description.
 
+The weights are loaded once, through llama.cpp's model API alone (``llama_model_load_from_file``): no llama
+context is made here, so the only context in the process is the one the engine decodes with
+(:mod:`innova_smollm.engine.scheduler`). ``llama_cpp.Llama`` would make a second one, with compute buffers of its own.
+
 Also the pre-flight check of a model path that needs no llama.cpp (exists, readable, GGUF magic), which gives an
 operator the resolved path and what its directory holds.
 """
@@ -7,8 +11,8 @@ operator the resolved path and what its directory holds.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,11 +21,12 @@ from typing import Any
 import llama_cpp
 from llama_cpp import llama_chat_format
 
+from innova_smollm.core.memory_budget import MemoryBudget
 from innova_smollm.core.types import (
     ChatMessage,
     ModelMetadata,
 )
-from innova_smollm.engine.threads import batch_threads
+from innova_smollm.engine.kv_cache import resolve_kv_layout
 from innova_smollm.errors import ModelLoadError
 from innova_smollm.settings import KVLayout, Settings, display_name
 
@@ -111,17 +116,16 @@ def token_piece(vocab: Any, token: int, *, special: bool) -> bytes:
 class GGUFModel:
     """A GGUF file opened for what every engine needs besides decoding: tokens, the chat template, a description.
 
-    ``n_ctx`` sizes the llama context that ``llama_cpp.Llama`` creates with the model: the engine that decodes
-    through it asks for the real window; an engine with a context of its own asks for a tiny one.
+    ``llama`` is the loaded model alone (:class:`LlamaModel`); the engine makes its decoding context from it.
     """
 
-    def __init__(self, path: Path, settings: Settings, *, n_ctx: int) -> None:
+    def __init__(self, path: Path, settings: Settings) -> None:
         check_model_file(path)
         started = time.perf_counter()
         self.path = path
-        self.llama, self.n_gpu_layers = open_model(path, dataclasses.replace(settings, n_ctx=n_ctx))
+        self.llama, self.n_gpu_layers = open_model(path, settings)
         self.open_s = time.perf_counter() - started
-        self.vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
+        self.vocab = self.llama.vocab
         #: token -> (bytes it renders to, whether it ends generation); the vocabulary is fixed.
         self.pieces = TokenPieces(self.vocab)
         self._chat_formatter, self.template_source = self._make_chat_formatter()
@@ -187,16 +191,7 @@ class GGUFModel:
         )
 
     def kv_bytes_per_cell(self) -> int:
-        """Bytes one KV cell takes in every layer: one token's keys and values at f16, llama.cpp's default."""
-        model = self.llama.model
-        meta: dict[str, Any] = self.llama.metadata
-        arch = meta.get("general.architecture", "")
-        n_head = max(int(llama_cpp.llama_model_n_head(model)), 1)
-        head_dim = int(llama_cpp.llama_model_n_embd(model)) // n_head
-        key_dim = int(meta.get(f"{arch}.attention.key_length", head_dim))
-        value_dim = int(meta.get(f"{arch}.attention.value_length", head_dim))
-        n_head_kv = int(llama_cpp.llama_model_n_head_kv(model))
-        return int(llama_cpp.llama_model_n_layer(model)) * n_head_kv * (key_dim + value_dim) * 2
+        return self.llama.kv_bytes_per_cell()
 
     def close(self) -> None:
         self.llama.close()
@@ -220,7 +215,7 @@ class GGUFModel:
         return bytes(self.llama.detokenize([token], special=True)).decode("utf-8", errors="replace")
 
 
-def open_model(path: Path, settings: Settings) -> tuple[llama_cpp.Llama, int]:
+def open_model(path: Path, settings: Settings) -> tuple[LlamaModel, int]:
     """Load the GGUF, offloading layers when asked and possible; on any offload failure fall back to the CPU."""
     n_gpu_layers = settings.n_gpu_layers
     if n_gpu_layers != 0 and not llama_cpp.llama_supports_gpu_offload():
@@ -231,26 +226,143 @@ def open_model(path: Path, settings: Settings) -> tuple[llama_cpp.Llama, int]:
         )
         n_gpu_layers = 0
     try:
-        return _construct(path, settings, n_gpu_layers), n_gpu_layers
-    except (ValueError, RuntimeError, OSError) as exc:
+        return LlamaModel.load(path, n_gpu_layers=n_gpu_layers, use_mmap=settings.use_mmap), n_gpu_layers
+    except ModelLoadError as exc:
         if n_gpu_layers == 0:
-            raise ModelLoadError(f"llama.cpp could not load {path}: {exc}") from None
+            raise
         log.warning("GPU offload failed (%s); loading on the CPU instead", exc, extra={"event": "gpu_fallback"})
+    return LlamaModel.load(path, n_gpu_layers=0, use_mmap=settings.use_mmap), 0
+
+
+class LlamaModel:
+    """A llama.cpp model (``llama_model *``) loaded without any context, and what it answers without one.
+
+    The methods are the few of ``llama_cpp.Llama`` the engine used (tokenize, detokenize, metadata, the special
+    tokens), written over llama.cpp's public C API as llama-cpp-python exposes it.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        #: The GGUF's key/value metadata as llama.cpp renders it (every value a string).
+        self.metadata: dict[str, str] = _read_metadata(model)
+
+    @classmethod
+    def load(cls, path: Path, *, n_gpu_layers: int, use_mmap: bool, shape_only: bool = False) -> LlamaModel:
+        """``shape_only``: the metadata, the shape and the vocabulary, no weights allocated or read (llama.cpp's
+        ``no_alloc``; ``vocab_only`` would skip the hyperparameters a memory budget needs)."""
+        _init_llama_backend()
+        params = llama_cpp.llama_model_default_params()
+        params.no_alloc = shape_only
+        params.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers  # INT32_MAX: every layer
+        params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
+        model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), params)
+        if not model:
+            raise ModelLoadError(f"llama.cpp could not load {path} (n_gpu_layers={n_gpu_layers}; see its log above)")
+        return cls(model)
+
+    def tokenize(self, text: bytes, *, add_bos: bool, special: bool) -> list[int]:
+        size = len(text) + 2  # a token covers at least one byte, plus BOS and EOS
+        while True:
+            tokens = (llama_cpp.llama_token * size)()
+            count = int(llama_cpp.llama_tokenize(self.vocab, text, len(text), tokens, size, add_bos, special))
+            if count >= 0:
+                return list(tokens[:count])
+            size = -count  # a negative result is the number of tokens the text needs
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool) -> bytes:
+        return b"".join(token_piece(self.vocab, token, special=special) for token in tokens)
+
+    def kv_bytes_per_cell(self) -> int:
+        """Bytes one KV cell takes in every layer: one token's keys and values at f16, llama.cpp's default."""
+        model = self.model
+        arch = self.metadata.get("general.architecture", "")
+        n_head = max(int(llama_cpp.llama_model_n_head(model)), 1)
+        head_dim = int(llama_cpp.llama_model_n_embd(model)) // n_head
+        key_dim = int(self.metadata.get(f"{arch}.attention.key_length", head_dim))
+        value_dim = int(self.metadata.get(f"{arch}.attention.value_length", head_dim))
+        n_head_kv = int(llama_cpp.llama_model_n_head_kv(model))
+        return int(llama_cpp.llama_model_n_layer(model)) * n_head_kv * (key_dim + value_dim) * 2
+
+    def n_vocab(self) -> int:
+        return int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+
+    def token_bos(self) -> int:
+        return int(llama_cpp.llama_vocab_bos(self.vocab))
+
+    def token_eos(self) -> int:
+        return int(llama_cpp.llama_vocab_eos(self.vocab))
+
+    def close(self) -> None:
+        if self.model is not None:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+
+def _read_metadata(model: Any) -> dict[str, str]:
+    def read(call: Any, index: int) -> str:
+        size = 256
+        while True:
+            buffer = ctypes.create_string_buffer(size)
+            needed = int(call(model, index, buffer, size))
+            if needed < size:  # the string's length, without its terminating NUL (negative: no such key)
+                return buffer.value.decode("utf-8", errors="replace")
+            size = needed + 1
+
+    return {
+        read(llama_cpp.llama_model_meta_key_by_index, index): read(llama_cpp.llama_model_meta_val_str_by_index, index)
+        for index in range(int(llama_cpp.llama_model_meta_count(model)))
+    }
+
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def _init_llama_backend() -> None:
+    """``llama_backend_init`` once per process, and llama.cpp's own log kept to its errors.
+
+    llama-cpp-python prints every llama.cpp log line to stderr unless ``Llama(verbose=False)`` quietens it; without
+    ``Llama`` the service sets a callback of its own, which passes llama.cpp's errors to this module's logger.
+    """
+    global _backend_ready
+    with _backend_lock:
+        if _backend_ready:
+            return
+        llama_cpp.llama_log_set(_LLAMA_LOG_CALLBACK, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+#: ggml_log_level's GGML_LOG_LEVEL_ERROR.
+_GGML_LOG_LEVEL_ERROR = 3
+
+
+def _forward_llama_cpp_errors(level: int, text: bytes, user_data: Any) -> None:
+    if level == _GGML_LOG_LEVEL_ERROR:
+        message = text.decode("utf-8", errors="replace").strip()
+        if message:
+            log.error("llama.cpp: %s", message, extra={"event": "llama_cpp_log"})
+
+
+#: The C callback, held here for as long as llama.cpp may call it.
+_LLAMA_LOG_CALLBACK = llama_cpp.llama_log_callback(_forward_llama_cpp_errors)
+
+
+def memory_budget(path: Path, settings: Settings) -> MemoryBudget:
+    """What the service may hold with ``path`` at ``settings`` (core/memory_budget.py): the file's size, the KV
+    cache in the layout the engine would choose, and the margin. Reads the GGUF's shape only, not its weights."""
+    check_model_file(path)
+    model = LlamaModel.load(path, n_gpu_layers=0, use_mmap=False, shape_only=True)
     try:
-        return _construct(path, settings, 0), 0
-    except (ValueError, RuntimeError, OSError) as exc:
-        raise ModelLoadError(f"llama.cpp could not load {path}: {exc}") from None
-
-
-def _construct(path: Path, settings: Settings, n_gpu_layers: int) -> llama_cpp.Llama:
-    return llama_cpp.Llama(
-        model_path=str(path),
+        per_cell = model.kv_bytes_per_cell()
+    finally:
+        model.close()
+    layout = resolve_kv_layout(settings.kv_layout, parallel=settings.parallel, window_bytes=settings.n_ctx * per_cell)
+    return MemoryBudget(
+        model_file_bytes=path.stat().st_size,
+        kv_layout=layout,
         n_ctx=settings.n_ctx,
-        n_threads=settings.n_threads,
-        n_threads_batch=batch_threads(settings),
-        n_gpu_layers=n_gpu_layers,
-        flash_attn=settings.flash_attention_for(n_gpu_layers, several_sequences=False),
-        n_batch=min(512, settings.n_ctx),
-        use_mmap=settings.use_mmap,
-        verbose=False,
+        parallel=settings.parallel,
+        kv_bytes_per_cell=per_cell,
     )

@@ -62,10 +62,6 @@ from innova_smollm.settings import KVLayout, Settings, WarmKind, WarmPrompt
 
 log = logging.getLogger(__name__)
 
-#: Context size of the Llama object used only for tokenizing and the chat template; the batched context below is
-#: the one that decodes, so this one is kept minimal to avoid paying for a second KV cache.
-TOKENIZER_ONLY_N_CTX = 256
-
 #: With one KV stream per sequence, llama.cpp copies only whole streams: a running sequence's prefix is copied only
 #: when it is at least this fraction (1/64) of the window. Copying a stream costs about as much as decoding a few
 #: tokens of a small model (SmolLM2 at 4096 tokens: 94 MB); of a 3B model, much less than one token.
@@ -136,7 +132,7 @@ class GGUFEngine:
     def __init__(self, settings: Settings) -> None:
         path = settings.model_path
         started = time.perf_counter()
-        self._model = GGUFModel(path, settings, n_ctx=TOKENIZER_ONLY_N_CTX)
+        self._model = GGUFModel(path, settings)
         self._llama = self._model.llama
         self._vocab = self._model.vocab
         self._parallel = settings.parallel
