@@ -54,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--kv-layout", choices=[layout.value for layout in KVLayout], default=None, help="SMOLLM_KV_LAYOUT"
     )
     budget.add_argument(
+        "--prompt-cache-mb", type=int, default=None, help="SMOLLM_PROMPT_CACHE_MB (default: the environment's)"
+    )
+    budget.add_argument(
         "--margin-mb", type=int, default=150, help="MB (10^6 bytes) beside the weights and the KV cache (150)"
     )
     args = parser.parse_args(argv)
@@ -68,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 n_ctx=args.n_ctx,
                 parallel=args.parallel,
                 kv_layout=args.kv_layout,
+                prompt_cache_mb=args.prompt_cache_mb,
                 margin_bytes=args.margin_mb * 1000 * 1000,
             )
         return check_model(args.path, as_json=args.json)
@@ -182,7 +186,13 @@ def check_model(path: Path, *, as_json: bool) -> int:
 
 
 def print_memory_budget(
-    path: Path, *, n_ctx: int | None, parallel: int | None, kv_layout: str | None, margin_bytes: int
+    path: Path,
+    *,
+    n_ctx: int | None,
+    parallel: int | None,
+    kv_layout: str | None,
+    prompt_cache_mb: int | None,
+    margin_bytes: int,
 ) -> int:
     """The role innova_backend runs this on the host to set the unit's MemoryMax (core/memory_budget.py)."""
     _engine_loader()  # says which extra is missing before llama_cpp is imported
@@ -196,6 +206,8 @@ def print_memory_budget(
         overrides["parallel"] = parallel
     if kv_layout is not None:
         overrides["kv_layout"] = KVLayout(kv_layout)
+    if prompt_cache_mb is not None:
+        overrides["prompt_cache_mb"] = prompt_cache_mb
     settings = dataclasses.replace(settings, **overrides)  # type: ignore[arg-type]
     budget = dataclasses.replace(memory_budget(settings.model_path, settings), margin_bytes=margin_bytes)
     print(json.dumps(budget.as_dict()))

@@ -33,7 +33,9 @@ def test_the_budget_is_the_file_and_the_engines_kv_cache_and_the_margin(model_pa
     assert shown["kv_bytes_per_cell"] == per_cell
     assert shown["kv_cells"] == 2048 * 4
     assert shown["model_file_bytes"] == model_path.stat().st_size
-    assert shown["budget_bytes"] == model_path.stat().st_size + 2048 * 4 * per_cell + 150_000_000
+    # The prompt cache's saved states at their default limit, 256 MiB.
+    assert shown["saved_states_bytes"] == 256 * 2**20
+    assert shown["budget_bytes"] == model_path.stat().st_size + 2048 * 4 * per_cell + 256 * 2**20 + 150_000_000
     assert shown["memory_max"] == f"{-(-int(str(shown['budget_bytes'])) // 2**20)}M"
 
 
@@ -41,6 +43,7 @@ def test_an_explicit_layout_and_the_environment_are_honoured(model_path: Path) -
     shown = memory_budget(model_path, "--n-ctx", "2048", "--parallel", "4", "--kv-layout", "shared")
     assert shown["kv_layout"] == "shared"
     assert shown["kv_cells"] == 2048
+    assert memory_budget(model_path, "--prompt-cache-mb", "64")["saved_states_bytes"] == 64 * 2**20
 
 
 def test_a_missing_model_is_an_error_naming_it(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from innova_smollm.core.memory_budget import MARGIN_BYTES, MemoryBudget
 from innova_smollm.settings import KVLayout
 
@@ -65,7 +67,14 @@ def test_the_json_names_every_part() -> None:
         "kv_bytes_per_cell": SHAPE_KV_BYTES_PER_CELL,
         "kv_cells": 4096,
         "kv_bytes": 469_762_048,
+        "saved_states_bytes": 0,
         "margin_bytes": 150_000_000,
         "budget_bytes": 2_639_139_232,
         "memory_max": "2517M",
     }
+
+
+def test_the_prompt_caches_saved_states_count_at_their_limit() -> None:
+    cached = dataclasses.replace(budget(KVLayout.SHARED), saved_states_bytes=256 * 2**20)
+    assert cached.total_bytes == budget(KVLayout.SHARED).total_bytes + 256 * 2**20
+    assert cached.systemd_memory_max() == "2773M"

@@ -3,8 +3,10 @@
 Why this rule: the weights are read, not mapped (``SMOLLM_USE_MMAP=false``), so they are resident once, about the
 file's size (llama.cpp's CPU backend repacks Q4_K tensors for its AVX2 kernels as it reads them, in place of the
 plain copy, not beside it). The KV cache is allocated whole when the engine starts: ``n_ctx`` cells shared by all
-sequences, or ``n_ctx`` cells per sequence (``SMOLLM_KV_LAYOUT``, engine/kv_cache.py). Everything else (llama.cpp's
-compute buffers, the Python interpreter, Litestar and uvicorn, requests in flight) must fit in the margin.
+sequences, or ``n_ctx`` cells per sequence (``SMOLLM_KV_LAYOUT``, engine/kv_cache.py). The prompt cache's saved KV
+states (``SMOLLM_PROMPT_CACHE_MB``, warm prompts included) grow up to their limit under load: a budget without them
+would let a busy service be killed for a cache it was told to keep. Everything else (llama.cpp's compute buffers, the
+Python interpreter, Litestar and uvicorn, requests in flight) must fit in the margin.
 
 The role innova_backend sets the unit's ``MemoryMax`` to this budget (``innova-smollm memory-budget``), and
 docs/performance.md gives the measured figures against it. No llama.cpp here: the engine supplies the KV bytes.
@@ -30,6 +32,8 @@ class MemoryBudget:
     n_ctx: int
     parallel: int
     kv_bytes_per_cell: int
+    #: The prompt cache's limit for KV states saved in host memory (0 with the prompt cache off).
+    saved_states_bytes: int = 0
     margin_bytes: int = MARGIN_BYTES
 
     @property
@@ -43,7 +47,7 @@ class MemoryBudget:
 
     @property
     def total_bytes(self) -> int:
-        return self.model_file_bytes + self.kv_bytes + self.margin_bytes
+        return self.model_file_bytes + self.kv_bytes + self.saved_states_bytes + self.margin_bytes
 
     def systemd_memory_max(self) -> str:
         """The budget as a systemd ``MemoryMax=`` value: whole MiB, rounded up."""
@@ -58,6 +62,7 @@ class MemoryBudget:
             "kv_bytes_per_cell": self.kv_bytes_per_cell,
             "kv_cells": self.kv_cells,
             "kv_bytes": self.kv_bytes,
+            "saved_states_bytes": self.saved_states_bytes,
             "margin_bytes": self.margin_bytes,
             "budget_bytes": self.total_bytes,
             "memory_max": self.systemd_memory_max(),

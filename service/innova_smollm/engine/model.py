@@ -365,4 +365,5 @@ def memory_budget(path: Path, settings: Settings) -> MemoryBudget:
         n_ctx=settings.n_ctx,
         parallel=settings.parallel,
         kv_bytes_per_cell=per_cell,
+        saved_states_bytes=settings.prompt_cache_mb * 2**20 if settings.prompt_cache else 0,
     )
