@@ -85,7 +85,7 @@ def test_model_state_and_process_memory(live: LiveServer) -> None:
         (f"{API}/chat", {"messages": [{"role": "user", "content": "word " * 1500}], "max_tokens": 8}, "context_length"),
         ("/v1/completions", {"prompt": "word " * 1500, "max_tokens": 8}, "context_length"),
         (f"{API}/chat", {"messages": [{"role": "user", "content": "hi"}], "temperature": 9}, "bad_input"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 3}, "bad_input"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 5}, "bad_input"),
         (f"{API}/generate", {"prompt": ""}, "bad_input"),
     ],
 )

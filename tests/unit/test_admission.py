@@ -68,3 +68,19 @@ def test_concurrent_admits_never_exceed_capacity() -> None:
         thread.join()
     assert len(admitted) == 4 and len(refused) == 46
     assert admission.in_flight == 4
+
+
+def test_a_request_with_n_choices_takes_n_places() -> None:
+    admission = Admission(parallel=4, max_queue=0)
+    single = admission.admit()
+    three = admission.admit(3)
+    assert admission.in_flight == 4
+    with pytest.raises(QueueFullError):
+        admission.admit()
+    three.release()
+    with pytest.raises(QueueFullError):
+        admission.admit(4)  # one place is still taken
+    two = admission.admit(2)
+    single.release()
+    two.release()
+    assert admission.in_flight == 0

@@ -10,7 +10,7 @@ import pytest
 from innova_smollm.core.schema import ConstraintKind
 from innova_smollm.errors import InvalidRequestError
 from innova_smollm.http.openai.protocol import ChatCompletionRequest, CompletionRequest
-from innova_smollm.http.openai.serving import messages_of, options_of
+from innova_smollm.http.openai.serving import messages_of, options_of, tool_plan_of
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -63,7 +63,6 @@ def test_metadata_and_harmless_values_are_accepted() -> None:
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"n": 2}, "n"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"function_call": "auto"}, "function_call"),
@@ -102,3 +101,13 @@ def test_unknown_fields_do_not_decode() -> None:
         chat(frobnicate=1)
     with pytest.raises(msgspec.ValidationError, match="unknown field `colour`"):
         chat(messages=[{"role": "user", "content": "x", "colour": "red"}])
+
+
+def test_n_choices_are_passed_on_and_refused_with_tools() -> None:
+    assert options_of(chat(n=3)).n == 3
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    request = chat(n=2, tools=tools)
+    with pytest.raises(InvalidRequestError) as caught:
+        options_of(request, tool_plan_of(request))
+    assert caught.value.field == "n" and "tools" in caught.value.message
+    assert options_of(msgspec.convert({"prompt": "x", "n": 2}, CompletionRequest)).n == 2

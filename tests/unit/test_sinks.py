@@ -8,7 +8,7 @@ import queue
 import threading
 import time
 
-from innova_smollm.core.service import ModelService, Outcome, Prepared, Source
+from innova_smollm.core.service import Chunk, ModelService, Outcome, Prepared, Source
 from innova_smollm.core.sinks import (
     AsyncSink,
     BlockingSink,
@@ -19,7 +19,7 @@ from innova_smollm.core.sinks import (
     Text,
     inbox_of,
 )
-from innova_smollm.core.types import FinishReason, GenerationJob, TokenSink
+from innova_smollm.core.types import FinishReason, GenerationJob, TokenLogprob, TokenSink
 from innova_smollm.settings import Settings
 
 
@@ -139,13 +139,13 @@ class BurstEngine:
         sink.finished(FinishReason.LENGTH, len(self.chunks))
 
 
-def streamed(chunks: list[str]) -> list[str | Outcome]:
+def streamed(chunks: list[str]) -> list[Chunk | Outcome]:
     settings = Settings.from_env({})
     service = ModelService(settings, engine=BurstEngine(chunks))  # type: ignore[arg-type]
     job = GenerationJob(prompt_tokens=(1, 2), max_tokens=len(chunks))
     prepared = Prepared(source=Source.LOCAL, prompt_tokens=2, job=job)
 
-    async def scenario() -> list[str | Outcome]:
+    async def scenario() -> list[Chunk | Outcome]:
         return [item async for item in service.open_stream(prepared)]
 
     return asyncio.run(scenario())
@@ -153,13 +153,13 @@ def streamed(chunks: list[str]) -> list[str | Outcome]:
 
 def test_a_stream_sends_what_arrived_since_its_last_write_as_one_chunk() -> None:
     *texts, outcome = streamed(["Once", " upon", " a", " time"])
-    assert texts == ["Once upon a time"]
+    assert texts == [Chunk("Once upon a time")]
     assert isinstance(outcome, Outcome)
     assert (outcome.text, outcome.completion_tokens) == ("Once upon a time", 4)
 
 
 def test_a_stream_of_one_chunk_per_wake_up_sends_each_as_it_comes() -> None:
-    async def scenario() -> list[str | Outcome]:
+    async def scenario() -> list[Chunk | Outcome]:
         loop = asyncio.get_running_loop()
         service = ModelService(Settings.from_env({}), engine=ThreadedEngine(loop))  # type: ignore[arg-type]
         job = GenerationJob(prompt_tokens=(1,), max_tokens=3)
@@ -167,7 +167,7 @@ def test_a_stream_of_one_chunk_per_wake_up_sends_each_as_it_comes() -> None:
         return [item async for item in service.open_stream(prepared)]
 
     *texts, outcome = asyncio.run(scenario())
-    assert texts == ["a", "b", "c"]
+    assert texts == [Chunk("a"), Chunk("b"), Chunk("c")]
     assert isinstance(outcome, Outcome) and outcome.text == "abc"
 
 
@@ -192,3 +192,53 @@ class ThreadedEngine:
         drained = threading.Event()
         self.loop.call_soon_threadsafe(lambda: self.loop.call_soon(drained.set))
         drained.wait(5)
+
+
+def entry(token: str) -> TokenLogprob:
+    return TokenLogprob(token=token.encode(), logprob=-1.0)
+
+
+class ChoicesEngine:
+    """An engine that answers a job of ``n`` choices in one burst, the choices' tokens interleaved as a decode step
+    of several sequences leaves them, each text with its tokens' log probabilities."""
+
+    def submit(self, job: GenerationJob, sink: TokenSink) -> None:
+        sink.started()
+        for token in ("A", "B", "C"):
+            for choice in range(job.n):
+                text = f"{token}{choice}"
+                sink.text(text, [entry(text)], choice)
+        for choice in range(job.n):
+            sink.finished(FinishReason.LENGTH, 3, [entry(f"{t}{choice}") for t in "ABC"], choice)
+
+
+def test_a_stream_of_several_choices_sends_one_chunk_per_choice_with_its_tokens_log_probabilities() -> None:
+    service = ModelService(Settings.from_env({"SMOLLM_PARALLEL": "3"}), engine=ChoicesEngine())  # type: ignore[arg-type]
+    job = GenerationJob(prompt_tokens=(1, 2), max_tokens=3, n=3, logprobs=0)
+    prepared = Prepared(source=Source.LOCAL, prompt_tokens=2, job=job, n=3)
+
+    async def scenario() -> list[Chunk | Outcome]:
+        return [item async for item in service.open_stream(prepared)]
+
+    *chunks, outcome = asyncio.run(scenario())
+    assert [(chunk.choice, chunk.text) for chunk in chunks] == [(0, "A0B0C0"), (1, "A1B1C1"), (2, "A2B2C2")]
+    for chunk in chunks:
+        assert chunk.logprobs is not None and b"".join(e.token for e in chunk.logprobs).decode() == chunk.text
+    assert isinstance(outcome, Outcome)
+    assert [(choice.index, choice.text) for choice in outcome.choices] == [(0, "A0B0C0"), (1, "A1B1C1"), (2, "A2B2C2")]
+    # The prompt once, the answers' tokens all.
+    assert (outcome.prompt_tokens, outcome.completion_tokens, outcome.text) == (2, 9, "A0B0C0")
+    assert service.in_flight == 0
+
+
+def test_held_text_is_held_by_choice() -> None:
+    sink = BlockingSink(live_text=False)
+    sink.text("a", None, 0)
+    sink.text("x", None, 1)
+    sink.text("b", None, 0)
+    sink.finished(FinishReason.STOP, 2, None, 1)
+    assert [(type(e).__name__, getattr(e, "choice", None)) for e in drained(sink)] == [("Text", 1), ("Finished", 1)]
+    sink.finished(FinishReason.LENGTH, 2, None, 0)
+    text, finished = drained(sink)
+    assert isinstance(text, Text) and (text.text, text.choice) == ("ab", 0)
+    assert finished == Finished(FinishReason.LENGTH, 2, None, 0)

@@ -1,5 +1,8 @@
 """Bounded admission: at most ``parallel`` requests run and ``max_queue`` wait; the rest are refused at once.
 
+A request with ``n`` choices takes ``n`` places: it runs as ``n`` of the engine's ``parallel`` sequences, so counting
+it once would let more requests wait inside the engine than ``max_queue`` says.
+
 Refusing early, with a Retry-After the caller can act on, beats the usual alternatives: an unbounded line that
 lets latency grow without limit (llama.cpp's server), or a new request interrupting a running one
 (llama-cpp-python's server). Pure logic, no I/O: thread-safe, so the HTTP routes and the in-process API share it.
@@ -38,23 +41,23 @@ class Admission:
 
     @property
     def in_flight(self) -> int:
-        """Requests running or waiting right now."""
+        """Places taken by requests running or waiting right now (a request with ``n`` choices takes ``n``)."""
         return self._in_system
 
-    def admit(self) -> Ticket:
-        """Take a place in line, or raise QueueFullError with a Retry-After estimate. Never waits."""
+    def admit(self, places: int = 1) -> Ticket:
+        """Take ``places`` in line, or raise QueueFullError with a Retry-After estimate. Never waits."""
         with self._lock:
-            if self._in_system >= self.parallel + self.max_queue:
-                waiting = self._in_system - self.parallel
+            if self._in_system + places > self.parallel + self.max_queue:
+                waiting = max(0, self._in_system - self.parallel)
                 raise QueueFullError(
                     waiting=waiting, max_queue=self.max_queue, retry_after_s=self.retry_after_s(waiting)
                 )
-            self._in_system += 1
-        return Ticket(self._leave)
+            self._in_system += places
+        return Ticket(lambda: self._leave(places))
 
-    def _leave(self) -> None:
+    def _leave(self, places: int) -> None:
         with self._lock:
-            self._in_system -= 1
+            self._in_system -= places
 
     def retry_after_s(self, waiting: int) -> int:
         # The line drains at about `parallel` requests per typical request duration; 1 to 60 s.

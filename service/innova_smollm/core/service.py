@@ -37,7 +37,7 @@ from innova_smollm.errors import (
     RequestTimeoutError,
     ServiceError,
 )
-from innova_smollm.settings import Fallback, Provider, Settings
+from innova_smollm.settings import Fallback, KVLayout, Provider, Settings
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,8 @@ class RequestOptions:
     constraint: OutputConstraint | None = None
     #: None: no log probabilities; k: each answer token's with the k most likely alternatives.
     logprobs: int | None = None
+    #: How many answers (choices) to generate for the prompt, at most SMOLLM_PARALLEL.
+    n: int = 1
     #: The request field that holds ``logit_bias``, for error messages.
     logit_bias_field: str = "logit_bias"
 
@@ -92,11 +94,40 @@ class Prepared:
     echo_text: str = ""
     fallback_reason: str | None = None
     arrived_at: float = field(default_factory=time.monotonic)
+    #: How many choices the answer has (the job's ``n``; the echo repeats its text in each).
+    n: int = 1
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Text of one choice of a streamed answer, with the log probabilities of exactly the tokens it carries (when
+    asked for; a token whose text never came, as one a stop string cut away, comes in the choice's
+    :attr:`Choice.logprobs` only)."""
+
+    text: str
+    choice: int = 0
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Choice:
+    """One answer of a request (a request with ``n`` choices has n of them)."""
+
+    index: int
+    text: str
+    finish_reason: FinishReason
+    completion_tokens: int
+    #: One per answer token when the request asked for log probabilities.
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
 class Outcome:
-    """How a request ended, for the final answer or the final stream event."""
+    """How a request ended, for the final answer or the final stream event.
+
+    ``text``, ``finish_reason`` and ``logprobs`` are the first choice's, ``completion_tokens`` the sum over the
+    choices (the prompt was decoded once); ``choices`` holds every choice, in order of index.
+    """
 
     text: str
     finish_reason: FinishReason
@@ -109,6 +140,7 @@ class Outcome:
     total_s: float
     #: One per answer token when the request asked for log probabilities.
     logprobs: tuple[TokenLogprob, ...] | None = None
+    choices: tuple[Choice, ...] = ()
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -143,32 +175,50 @@ class _Collector:
 
     def __init__(self, prepared: Prepared) -> None:
         self.prepared = prepared
-        self.parts: list[str] = []
+        self.parts: dict[int, list[str]] = {}
+        self.choices: dict[int, Choice] = {}
         self.queue_s = 0.0
         self.first_token_at: float | None = None
         self.started = False
 
-    def on_text(self, chunk: str, produced_at: float) -> None:
+    def on_text(self, chunk: str, produced_at: float, choice: int = 0) -> None:
         if self.first_token_at is None:
             self.first_token_at = produced_at
-        self.parts.append(chunk)
+        self.parts.setdefault(choice, []).append(chunk)
 
-    def outcome(
-        self, reason: FinishReason, completion_tokens: int, logprobs: tuple[TokenLogprob, ...] | None = None
-    ) -> Outcome:
+    def finished(
+        self,
+        reason: FinishReason,
+        completion_tokens: int,
+        logprobs: tuple[TokenLogprob, ...] | None = None,
+        choice: int = 0,
+    ) -> Outcome | None:
+        """One choice ended: the outcome once they all have, else None."""
+        text = "".join(self.parts.get(choice, ()))
+        self.choices[choice] = Choice(
+            index=choice, text=text, finish_reason=reason, completion_tokens=completion_tokens, logprobs=logprobs
+        )
+        if len(self.choices) < self.prepared.n:
+            return None
+        return self.outcome()
+
+    def outcome(self) -> Outcome:
         now = time.monotonic()
         arrived = self.prepared.arrived_at
+        choices = tuple(self.choices[index] for index in sorted(self.choices))
+        first = choices[0]
         return Outcome(
-            text="".join(self.parts),
-            finish_reason=reason,
+            text=first.text,
+            finish_reason=first.finish_reason,
             prompt_tokens=self.prepared.prompt_tokens,
-            completion_tokens=completion_tokens,
+            completion_tokens=sum(choice.completion_tokens for choice in choices),
             source=self.prepared.source,
             fallback_reason=self.prepared.fallback_reason,
             queue_s=self.queue_s,
             first_token_s=None if self.first_token_at is None else self.first_token_at - arrived,
             total_s=now - arrived,
-            logprobs=logprobs,
+            logprobs=first.logprobs,
+            choices=choices,
         )
 
 
@@ -314,7 +364,7 @@ class ModelService:
         unavailable = self._unavailable()
         if unavailable is not None:
             self._check_echo_can_answer(options)
-            return self._echo(_last_user_text(messages), unavailable)
+            return self._echo(_last_user_text(messages), unavailable, options.n)
         assert self._engine is not None
         try:
             tokens = self._engine.tokenize_chat(messages, tools)
@@ -333,7 +383,7 @@ class ModelService:
         unavailable = self._unavailable()
         if unavailable is not None:
             self._check_echo_can_answer(options)
-            return self._echo(prompt, unavailable)
+            return self._echo(prompt, unavailable, options.n)
         assert self._engine is not None
         return self._local(self._engine.tokenize(prompt), options, prompt)
 
@@ -350,6 +400,12 @@ class ModelService:
                 f"stop cannot be combined with {options.constraint.field}: a stop string could end the answer "
                 "before the constrained text is complete",
                 field="stop",
+            )
+        if options.n > self.settings.parallel:
+            raise InvalidRequestError(
+                f"n={options.n} exceeds SMOLLM_PARALLEL={self.settings.parallel}: the choices of one request decode "
+                "side by side, one sequence each",
+                field="n",
             )
         if len(options.stop) > self.settings.max_stop_sequences:
             raise InvalidRequestError(
@@ -432,26 +488,33 @@ class ModelService:
         retry = 5 if self._state is State.LOADING else None
         raise NotReadyError(self._state.value, reason, retry_after_s=retry)
 
-    def _echo(self, text: str, fallback_reason: str) -> Prepared:
+    def _echo(self, text: str, fallback_reason: str, n: int = 1) -> Prepared:
         source = Source.ECHO if self.settings.provider is Provider.ECHO else Source.ECHO_FALLBACK
         return Prepared(
             source=source,
             prompt_tokens=len(text.split()),
             echo_text=text,
             fallback_reason=fallback_reason or None,
+            n=n,
         )
 
     def _local(self, tokens: list[int], options: RequestOptions, echo_text: str) -> Prepared:
         n_ctx = self.settings.n_ctx if self._engine is None else self._engine.metadata.n_ctx
         prompt_tokens = len(tokens)
+        # In the shared KV layout the choices share its n_ctx cells: the prompt's once, and an answer's each. With a
+        # KV stream per sequence each choice has a whole window (see engine/kv_cache.py).
+        shared = self._engine is not None and self._engine.metadata.kv_layout == KVLayout.SHARED.value
+        answers = options.n if shared else 1
         if options.max_tokens is None:
-            max_tokens = min(self.settings.max_tokens, n_ctx - prompt_tokens)
+            max_tokens = min(self.settings.max_tokens, (n_ctx - prompt_tokens) // answers)
             if max_tokens < 1:
-                raise ContextLengthExceededError(prompt_tokens=prompt_tokens, max_tokens=1, n_ctx=n_ctx)
+                raise ContextLengthExceededError(prompt_tokens=prompt_tokens, max_tokens=answers, n_ctx=n_ctx)
         else:
             max_tokens = options.max_tokens
-            if prompt_tokens + max_tokens > n_ctx:
-                raise ContextLengthExceededError(prompt_tokens=prompt_tokens, max_tokens=max_tokens, n_ctx=n_ctx)
+            if prompt_tokens + answers * max_tokens > n_ctx:
+                raise ContextLengthExceededError(
+                    prompt_tokens=prompt_tokens, max_tokens=answers * max_tokens, n_ctx=n_ctx
+                )
         self._check_logit_bias(options)
         grammar = self._grammar(options.constraint)
         now = time.monotonic()
@@ -472,40 +535,46 @@ class ModelService:
             stop=options.stop,
             grammar=grammar,
             logprobs=options.logprobs,
+            n=options.n,
             deadline=now + self.settings.request_timeout_s,
         )
-        return Prepared(source=Source.LOCAL, prompt_tokens=prompt_tokens, job=job, echo_text=echo_text, arrived_at=now)
+        return Prepared(
+            source=Source.LOCAL, prompt_tokens=prompt_tokens, job=job, echo_text=echo_text, arrived_at=now, n=options.n
+        )
 
     # --- admission ------------------------------------------------------------------------------------------
 
-    def admit(self) -> Ticket:
-        """Take a place in line, or raise QueueFullError at once with a Retry-After estimate."""
-        return self._admission.admit()
+    def admit(self, places: int = 1) -> Ticket:
+        """Take ``places`` in line (a request's ``n``: each choice runs as one of SMOLLM_PARALLEL's sequences), or
+        raise QueueFullError at once with a Retry-After estimate."""
+        return self._admission.admit(places)
 
     # --- running --------------------------------------------------------------------------------------------
 
-    def open_stream(self, prepared: Prepared, *, live_text: bool = True) -> AsyncIterator[str | Outcome]:
+    def open_stream(self, prepared: Prepared, *, live_text: bool = True) -> AsyncIterator[Chunk | Outcome]:
         """Admit the request (or raise QueueFullError at once) and return its stream of text chunks and outcome.
 
-        With ``live_text=False`` (a caller that only wants the whole answer) the text comes as one chunk just before
-        the outcome, which spares the event loop a wake-up per token (see :mod:`innova_smollm.core.sinks`).
-        A streamed answer yields, each time the consumer asks, all the text that arrived since it last asked, as one
-        chunk: one write per decode step at most, and fewer, larger writes when the consumer is slower than the model.
+        With ``live_text=False`` (a caller that only wants the whole answer) each choice's text comes as one chunk
+        just before the outcome, which spares the event loop a wake-up per token (see :mod:`innova_smollm.core.sinks`).
+        A streamed answer yields, each time the consumer asks, all the text that arrived since it last asked, one
+        chunk per choice: one write per decode step at most, and fewer, larger writes when the consumer is slower
+        than the model.
 
         The place in line is released when the stream ends, is closed, or is dropped without ever being iterated
         (a client that vanished before the first byte), so admission can never leak.
         """
-        ticket = self.admit()
+        ticket = self.admit(prepared.n)
         stream = self._stream(prepared, ticket, live_text)
         weakref.finalize(stream, ticket.release)
         return stream
 
-    async def _stream(self, prepared: Prepared, ticket: Ticket, live_text: bool) -> AsyncIterator[str | Outcome]:
+    async def _stream(self, prepared: Prepared, ticket: Ticket, live_text: bool) -> AsyncIterator[Chunk | Outcome]:
         sink: AsyncSink | None = None
         answered = False
         try:
             if prepared.job is None:
-                yield prepared.echo_text
+                for index in range(prepared.n):
+                    yield Chunk(prepared.echo_text, index)
                 answered = True
                 yield self._echo_outcome(prepared)
                 return
@@ -518,19 +587,21 @@ class ModelService:
                 event = pending or await self._next_async(sink, collector, prepared.job)
                 pending = None
                 result = self._apply(event, collector, prepared)
-                if isinstance(result, str):
-                    parts = [result]
+                if isinstance(result, Chunk):
                     # What else already arrived goes out with it, up to the next event that is not text.
+                    texts = [result]
                     while (more := sink.get_nowait()) is not None:
                         if not isinstance(more, Text):
                             pending = more
                             break
-                        collector.on_text(more.text, more.produced_at)
-                        parts.append(more.text)
-                    yield "".join(parts)
+                        collector.on_text(more.text, more.produced_at, more.choice)
+                        texts.append(Chunk(more.text, more.choice, more.logprobs))
+                    for chunk in _joined_by_choice(texts):
+                        yield chunk
                 elif isinstance(result, Outcome):
                     if result.source is Source.ECHO_FALLBACK:
-                        yield result.text
+                        for choice in result.choices:
+                            yield Chunk(choice.text, choice.index)
                     answered = True
                     yield result
                     return
@@ -555,7 +626,7 @@ class ModelService:
 
     def run_blocking(self, prepared: Prepared) -> Outcome:
         """Run a prepared request to the end on the calling thread (in-process API, CLI)."""
-        ticket = self.admit()
+        ticket = self.admit(prepared.n)
         sink = BlockingSink(live_text=False)
         try:
             if prepared.job is None:
@@ -578,17 +649,19 @@ class ModelService:
 
     def _apply(
         self, event: Started | Text | Finished | Failed, collector: _Collector, prepared: Prepared
-    ) -> str | Outcome | None:
+    ) -> Chunk | Outcome | None:
         """One engine event: the text to pass on, the final outcome, or None. Raises on failure."""
         if isinstance(event, Started):
             collector.started = True
             collector.queue_s = event.queue_wait_s
             return None
         if isinstance(event, Text):
-            collector.on_text(event.text, event.produced_at)
-            return event.text
+            collector.on_text(event.text, event.produced_at, event.choice)
+            return Chunk(event.text, event.choice, event.logprobs)
         if isinstance(event, Finished):
-            outcome = collector.outcome(event.reason, event.completion_tokens, event.logprobs)
+            outcome = collector.finished(event.reason, event.completion_tokens, event.logprobs, event.choice)
+            if outcome is None:
+                return None  # other choices are still running
             self._admission.observe_duration(outcome.total_s)
             return self._observed(outcome)
         assert isinstance(event, Failed)
@@ -607,19 +680,38 @@ class ModelService:
                 echo_text=prepared.echo_text,
                 fallback_reason=message,
                 arrived_at=prepared.arrived_at,
+                n=prepared.n,
             )
             return self._echo_outcome(fallback)
         raise GenerationError(message)
 
     def _echo_outcome(self, prepared: Prepared) -> Outcome:
-        """The whole answer of the echo provider or fallback: the text it repeats (its words count as tokens)."""
+        """The whole answer of the echo provider or fallback: the text it repeats (its words count as tokens), as
+        each of the request's choices."""
         collector = _Collector(prepared)
-        collector.on_text(prepared.echo_text, time.monotonic())
-        return self._observed(collector.outcome(FinishReason.STOP, len(prepared.echo_text.split())))
+        words = len(prepared.echo_text.split())
+        for index in range(prepared.n):
+            collector.on_text(prepared.echo_text, time.monotonic(), index)
+            collector.finished(FinishReason.STOP, words, choice=index)
+        return self._observed(collector.outcome())
 
     def _observed(self, outcome: Outcome) -> Outcome:
         self._observer.on_outcome(outcome)
         return outcome
+
+
+def _joined_by_choice(chunks: Sequence[Chunk]) -> list[Chunk]:
+    """The chunks of each choice joined into one, in the order the choices first came."""
+    by_choice: dict[int, list[Chunk]] = {}
+    for chunk in chunks:
+        by_choice.setdefault(chunk.choice, []).append(chunk)
+    joined = []
+    for choice, parts in by_choice.items():
+        logprobs = None
+        if any(part.logprobs is not None for part in parts):
+            logprobs = tuple(entry for part in parts for entry in part.logprobs or ())
+        joined.append(Chunk("".join(part.text for part in parts), choice, logprobs))
+    return joined
 
 
 def _last_user_text(messages: Sequence[ChatMessage]) -> str:

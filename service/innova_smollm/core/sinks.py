@@ -40,6 +40,9 @@ class Text:
     #: ``time.monotonic()`` when the engine produced the first character of ``text``: held text arrives at the end,
     #: and the time to the first token must still count from when it was made.
     produced_at: float
+    #: The log probabilities of the tokens whose text this completes (streamed answers that asked for them).
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    choice: int = 0
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Finished:
     reason: FinishReason
     completion_tokens: int
     logprobs: tuple[TokenLogprob, ...] | None = None
+    choice: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,9 @@ class _SinkBase:
         self._cancel = threading.Event()
         self._submitted_at = time.monotonic()
         self._live_text = live_text
-        # Only the engine thread touches the held text (text, finished and failed are all called from it).
-        self._held: list[str] = []
-        self._held_since = 0.0
+        # Only the engine thread touches the held text (text, finished and failed are all called from it), by choice.
+        self._held: dict[int, list[str]] = {}
+        self._held_since: dict[int, float] = {}
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -78,32 +82,39 @@ class _SinkBase:
     def started(self) -> None:
         self._put(Started(time.monotonic() - self._submitted_at))
 
-    def text(self, chunk: str) -> None:
+    def text(self, chunk: str, logprobs: Sequence[TokenLogprob] | None = None, choice: int = 0) -> None:
         if self._live_text:
-            self._put(Text(chunk, time.monotonic()))
+            self._put(Text(chunk, time.monotonic(), None if logprobs is None else tuple(logprobs), choice))
         else:
-            self._hold(chunk)
+            # The whole answer's log probabilities come with Finished: the chunks' are not needed.
+            self._hold(chunk, choice)
 
-    def _hold(self, chunk: str) -> None:
-        if not self._held:
-            self._held_since = time.monotonic()
-        self._held.append(chunk)
+    def _hold(self, chunk: str, choice: int) -> None:
+        held = self._held.setdefault(choice, [])
+        if not held:
+            self._held_since[choice] = time.monotonic()
+        held.append(chunk)
 
     def finished(
-        self, reason: FinishReason, completion_tokens: int, logprobs: Sequence[TokenLogprob] | None = None
+        self,
+        reason: FinishReason,
+        completion_tokens: int,
+        logprobs: Sequence[TokenLogprob] | None = None,
+        choice: int = 0,
     ) -> None:
-        self._hand_over_held_text()
-        self._put(Finished(reason, completion_tokens, None if logprobs is None else tuple(logprobs)))
+        self._hand_over_held_text(choice)
+        self._put(Finished(reason, completion_tokens, None if logprobs is None else tuple(logprobs), choice))
 
     def failed(self, error: Exception) -> None:
         # The text made before the failure still counts: whether anything was produced decides the echo fallback.
-        self._hand_over_held_text()
+        for choice in list(self._held):
+            self._hand_over_held_text(choice)
         self._put(Failed(error))
 
-    def _hand_over_held_text(self) -> None:
-        if self._held:
-            self._put(Text("".join(self._held), self._held_since))
-            self._held = []
+    def _hand_over_held_text(self, choice: int) -> None:
+        held = self._held.pop(choice, None)
+        if held:
+            self._put(Text("".join(held), self._held_since[choice], choice=choice))
 
 
 class LoopInbox:

@@ -130,6 +130,9 @@ class GenerationJob:
     logprobs: int | None = None
     #: A GBNF grammar (root rule ``root``) the answer must follow token by token, already checked; None: free text.
     grammar: str | None = None
+    #: How many answers (choices) to the one prompt: the prompt is decoded once and its KV cells are shared by the
+    #: choices, each sampling on its own (with ``seed + index`` when the sampling has a seed).
+    n: int = 1
     #: time.monotonic() after which generation stops with FinishReason.TIMEOUT.
     deadline: float = float("inf")
     job_id: int = field(default_factory=lambda: next(_job_ids))
@@ -145,7 +148,11 @@ class JobFinish:
 
 
 class TokenSink(Protocol):
-    """Receives one job's output. Every method is called from the engine thread, so each must return quickly."""
+    """Receives one job's output. Every method is called from the engine thread, so each must return quickly.
+
+    A job with ``n`` choices has one sink: ``text`` and ``finished`` name the choice (0 to n - 1), and the job is over
+    once every choice has finished (or the job failed).
+    """
 
     def cancelled(self) -> bool:
         """True once the caller no longer wants the output; the engine then stops this job."""
@@ -155,14 +162,20 @@ class TokenSink(Protocol):
         """The job left the queue and its prompt is being processed."""
         ...
 
-    def text(self, chunk: str) -> None:
-        """A piece of the answer, already cut at stop strings and at whole UTF-8 characters."""
+    def text(self, chunk: str, logprobs: Sequence[TokenLogprob] | None = None, choice: int = 0) -> None:
+        """A piece of the answer, already cut at stop strings and at whole UTF-8 characters. ``logprobs`` (when the
+        job asked for them): those of exactly the tokens whose text this piece completes (see
+        :class:`innova_smollm.engine.detokenize.LogprobQueue`)."""
         ...
 
     def finished(
-        self, reason: FinishReason, completion_tokens: int, logprobs: Sequence[TokenLogprob] | None = None
+        self,
+        reason: FinishReason,
+        completion_tokens: int,
+        logprobs: Sequence[TokenLogprob] | None = None,
+        choice: int = 0,
     ) -> None:
-        """The job ended; no call follows. ``logprobs``: one per answer token when the job asked for them."""
+        """The choice ended; no call for it follows. ``logprobs``: all of its answer tokens' when the job asked."""
         ...
 
     def failed(self, error: Exception) -> None:

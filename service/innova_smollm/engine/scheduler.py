@@ -6,6 +6,13 @@ After one ``llama_decode`` each sequence samples its next token in C from its ow
 of logits by batch index, so no logits ever reach Python. A new job joins between steps; a finished or cancelled
 sequence leaves by removing its cells from the shared KV cache (``llama_memory_seq_rm``), which frees room at once.
 
+A job with ``n`` choices takes ``n`` sequence ids at once (it waits at the head of the line until they are free).
+Only the first choice prefills the prompt; the step that completes it copies the prompt's cells to the others
+(``llama_memory_seq_cp``) and every choice samples its first token from that same row of logits, with a sampler
+of its own. In the shared layout the copy only tags the same cells with more sequence ids, so the prompt's cells are
+reserved once per job; with one KV stream per sequence llama.cpp copies the stream's buffer at the next decode, and
+until then no sequence state is saved or restored (they would read or be overwritten by the pending copy).
+
 The KV cache's layout, which sequence a job takes and the prompt cache's policy are in
 :mod:`innova_smollm.engine.kv_cache`; sampling is in :mod:`innova_smollm.engine.sampling`. ``SMOLLM_PARALLEL=1`` is
 this same engine with one sequence.
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import queue
 import threading
@@ -37,7 +45,7 @@ from innova_smollm.core.types import (
     TokenLogprob,
     TokenSink,
 )
-from innova_smollm.engine.detokenize import TextAssembler
+from innova_smollm.engine.detokenize import LogprobQueue, TextAssembler
 from innova_smollm.engine.grammar import json_schema_gbnf
 from innova_smollm.engine.kv_cache import MIN_SAVED_STATE_GAIN, choose_sequence, resolve_kv_layout
 from innova_smollm.engine.model import GGUFModel
@@ -75,20 +83,37 @@ MAX_BATCH_TOKENS = 512
 PREFILL_CHUNK_WHILE_DECODING = 128
 
 
+class _Group:
+    """The choices of one job with ``n`` > 1 (see the module docstring)."""
+
+    __slots__ = ("awaiting_prompt", "members", "prompt_cells")
+
+    def __init__(self, prompt_cells: int) -> None:
+        self.members: list[_Running] = []
+        #: Choices whose prompt cells are not copied yet (all but the first, until its prefill is complete).
+        self.awaiting_prompt: list[_Running] = []
+        #: The prompt's cells, reserved once for the whole group and freed with its last choice.
+        self.prompt_cells = prompt_cells
+
+
 class _Running:
-    """One admitted job: its KV sequence id, its sampler chain and where it stands."""
+    """One admitted job, or one choice of a job with ``n`` > 1: its KV sequence id, its sampler chain and where it
+    stands."""
 
     __slots__ = (
         "assembler",
         "batch_index",
+        "choice",
         "fed",
         "grammar",
+        "group",
         "job",
         "last_token",
         "logprobs",
         "position",
         "prefilled",
         "produced",
+        "queue",
         "reserved_cells",
         "sampler",
         "seq_id",
@@ -97,19 +122,31 @@ class _Running:
     )
 
     def __init__(
-        self, job: GenerationJob, sink: TokenSink, seq_id: int, sampler: Any | None, grammar: Any | None = None
+        self,
+        job: GenerationJob,
+        sink: TokenSink,
+        seq_id: int,
+        sampler: Any | None,
+        grammar: Any | None = None,
+        *,
+        choice: int = 0,
+        group: _Group | None = None,
     ) -> None:
         self.job = job
         self.sink = sink
         self.seq_id = seq_id
         self.sampler = sampler
+        self.choice = choice
+        self.group = group
         #: llama.cpp's grammar sampler when the answer is constrained (sampled lazily, see sampling.Candidates).
         self.grammar = grammar
         self.shortlist = shortlist_size(job.sampling) if grammar is not None else 0
-        #: Each answer token's log probability, when the job asked for them.
+        #: Each answer token's log probability, when the job asked for them, and which of them each text chunk carries.
         self.logprobs: list[TokenLogprob] | None = [] if job.logprobs is not None else None
+        self.queue: LogprobQueue[TokenLogprob] | None = LogprobQueue() if job.logprobs is not None else None
         self.assembler = TextAssembler(job.stop)
-        self.reserved_cells = len(job.prompt_tokens) + job.max_tokens
+        #: Cells held for this sequence; a group's prompt cells are the group's (``_Group.prompt_cells``).
+        self.reserved_cells = job.max_tokens if group is not None else len(job.prompt_tokens) + job.max_tokens
         #: How many prompt tokens are already in the KV cache; generation starts once all are.
         self.prefilled = 0
         #: Position of the next token this sequence puts in the KV cache.
@@ -193,6 +230,8 @@ class GGUFEngine:
         self.states_restored = 0
         #: Prompt prefixes taken from a running sequence's cells (diagnostics).
         self.prefixes_copied = 0
+        #: A copy across KV streams (per sequence) was asked for and happens at the next llama_decode.
+        self._copies_pending = False
         #: How the latest job ended, even when nobody was listening any more (diagnostics and tests).
         self.last_finish: JobFinish | None = None
         self._stopping = False
@@ -335,37 +374,99 @@ class GGUFEngine:
             job, sink = self._waiting[0]
             prompt = job.prompt_tokens
             needed = len(prompt) + job.max_tokens
-            if needed > self._n_ctx or not prompt:
+            error = self._cannot_run(job)
+            if error is not None:
                 self._waiting.popleft()
-                # The service checks this before submitting; this guards the KV cache against any other caller.
-                self._notify_failed(
-                    sink,
-                    ContextLengthExceededError(prompt_tokens=len(prompt), max_tokens=job.max_tokens, n_ctx=self._n_ctx),
-                )
+                self._notify_failed(sink, error)
                 continue
+            if job.n > len(self._idle):
+                return  # the head waits for n sequence ids; later jobs wait behind it, so it is never starved
             seq_id, reusable = choose_sequence(self._idle, self._running, prompt, per_sequence=self._per_sequence)
-            if needed > self._free_cells + len(self._idle[seq_id]):
+            others = self._other_choices_sequences(seq_id, job.n - 1)
+            # The prompt's cells once, and each choice's answer: the other choices share the prompt's cells.
+            needed += (job.n - 1) * job.max_tokens
+            if needed > self._free_cells + self._idle_cells(seq_id, others):
                 self._drop_idle_caches(keep=seq_id, until_free=needed - len(self._idle[seq_id]))
-                if needed > self._free_cells + len(self._idle[seq_id]):
+                if needed > self._free_cells + self._idle_cells(seq_id, others):
                     return  # the head waits for cells; later jobs wait behind it so a long job is never starved
             self._waiting.popleft()
             cached = self._idle.pop(seq_id)
             reused = self._reuse_prefix(seq_id, cached, prompt, reusable=reusable)
             # The sequence's cached cells become part of this job's reservation.
             self._free_cells += len(cached) - needed
-            grammar = new_grammar(self._vocab, job.grammar) if job.grammar is not None else None
-            running = _Running(job, sink, seq_id, new_sampler(job.sampling, self._n_vocab), grammar)
+            group = _Group(len(prompt)) if job.n > 1 else None
+            running = self._start(job, sink, seq_id, choice=0, group=group)
             running.prefilled = running.position = reused
             self.prompt_tokens_reused += reused
             self.prompt_tokens_prefilled += len(prompt) - reused
-            self._running[seq_id] = running
-            if job.grammar is not None and grammar is None:  # checked when prepared: llama.cpp changed its mind
+            for choice, other in enumerate(others, start=1):
+                self._empty_idle_sequence(other)
+                assert group is not None
+                group.awaiting_prompt.append(self._start(job, sink, other, choice=choice, group=group))
+            members = group.members if group is not None else [running]
+            if job.grammar is not None and any(member.grammar is None for member in members):
+                # Checked when prepared: llama.cpp changed its mind.
                 self._abort(running, GenerationError("llama.cpp could not parse the request's grammar"))
                 continue
             try:
                 sink.started()
             except Exception as exc:
                 self._abort(running, exc)
+
+    def _cannot_run(self, job: GenerationJob) -> Exception | None:
+        """Why ``job`` could never run here, or None. The service checks all of it before submitting; this guards the
+        KV cache against any other caller."""
+        prompt = len(job.prompt_tokens)
+        if not prompt or prompt + job.max_tokens > self._n_ctx:
+            return ContextLengthExceededError(prompt_tokens=prompt, max_tokens=job.max_tokens, n_ctx=self._n_ctx)
+        if not 1 <= job.n <= self._parallel:
+            return GenerationError(f"a job asked for {job.n} choices; this engine runs {self._parallel} sequences")
+        if prompt + job.n * job.max_tokens > self._total_cells:
+            return ContextLengthExceededError(
+                prompt_tokens=prompt, max_tokens=job.n * job.max_tokens, n_ctx=self._total_cells
+            )
+        return None
+
+    def _start(
+        self, job: GenerationJob, sink: TokenSink, seq_id: int, *, choice: int, group: _Group | None
+    ) -> _Running:
+        """A running sequence for one choice of ``job``, on the sequence id ``seq_id`` just taken from the idle ones."""
+        sampling = job.sampling
+        if choice and sampling.seed is not None:
+            # Each choice draws on its own: a seeded job's choice i uses seed + i, so the set of answers repeats.
+            sampling = dataclasses.replace(sampling, seed=(sampling.seed + choice) % 2**32)
+        grammar = new_grammar(self._vocab, job.grammar) if job.grammar is not None else None
+        running = _Running(job, sink, seq_id, new_sampler(sampling, self._n_vocab), grammar, choice=choice, group=group)
+        if group is not None:
+            group.members.append(running)
+        self._running[seq_id] = running
+        return running
+
+    def _other_choices_sequences(self, first: int, count: int) -> list[int]:
+        """Idle sequence ids for a job's choices after the first (on ``first``): empty ones first, then the least
+        recently used, and per sequence the ids that keep the running ones in the fewest runs (see choose_sequence)."""
+        chosen: list[int] = []
+        for _ in range(count):
+            candidates = {
+                seq_id: cached for seq_id, cached in self._idle.items() if seq_id != first and seq_id not in chosen
+            }
+            seq_id, _reuse = choose_sequence(
+                candidates, [*self._running, first, *chosen], (), per_sequence=self._per_sequence
+            )
+            chosen.append(seq_id)
+        return chosen
+
+    def _idle_cells(self, first: int, others: Iterable[int]) -> int:
+        return len(self._idle[first]) + sum(len(self._idle[seq_id]) for seq_id in others)
+
+    def _empty_idle_sequence(self, seq_id: int) -> None:
+        """Take the idle sequence ``seq_id`` for a choice that gets the prompt by copy: its cached cells go (saved to
+        host memory first, when worth it) and count as free again."""
+        cached = self._idle.pop(seq_id)
+        if cached:
+            self._save_state(seq_id, cached, keep=0)
+            self._free_cells += len(cached)
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
 
     def _trim(self, seq_id: int, *, keep: int) -> int:
         """Keep the first ``keep`` cached cells of an idle sequence, free the rest; returns how many were kept."""
@@ -382,7 +483,8 @@ class GGUFEngine:
         """Leave in the sequence ``seq_id``, just taken from the idle ones with ``cached`` tokens, the longest prefix
         of ``prompt`` on offer: its own first ``reusable`` cells, a running sequence's or a saved state's; returns
         the prefix's length."""
-        saved, saved_reuse = self._saved.best_for(prompt) if self._saved is not None else (None, 0)
+        usable = self._saved is not None and not self._copies_pending
+        saved, saved_reuse = self._saved.best_for(prompt) if self._saved is not None and usable else (None, 0)
         source, shared = self._running_prefix(prompt) if self._prompt_cache else (None, 0)
         worth = shared >= max(reusable, saved_reuse) + MIN_SAVED_STATE_GAIN
         if self._per_sequence:  # a whole stream is copied: for a few tokens, decoding them is cheaper
@@ -434,6 +536,7 @@ class GGUFEngine:
         if self._per_sequence:
             llama_cpp.llama_memory_seq_cp(memory, source.seq_id, seq_id, -1, -1)
             llama_cpp.llama_memory_seq_rm(memory, seq_id, length, -1)
+            self._copies_pending = True
         else:
             llama_cpp.llama_memory_seq_cp(memory, source.seq_id, seq_id, 0, length)
         self.prefixes_copied += 1
@@ -444,6 +547,8 @@ class GGUFEngine:
         saved = self._saved
         if saved is None or len(tokens) - keep < MIN_SAVED_STATE_GAIN or saved.covers(tokens):
             return
+        if self._copies_pending:
+            return  # a stream's copy is still to come: its buffer may not hold what its cells say yet
         # A sliding-window cache may have dropped the first positions: such a state could not stand for a prefix.
         if llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id) != 0:
             return
@@ -507,7 +612,9 @@ class GGUFEngine:
             running_now = sorted(running_now, key=_by_seq_id)
         for running in running_now:
             if not running.generating:
-                prefilling.append(running)
+                running.batch_index = -1
+                if running.group is None or running.choice == 0:  # the other choices get the prompt by copy
+                    prefilling.append(running)
                 continue
             tokens[n_tokens] = running.last_token
             running.fed.append(running.last_token)
@@ -547,6 +654,7 @@ class GGUFEngine:
         self._batch.n_tokens = n_tokens
         started = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx, self._batch)
+        self._copies_pending = False
         if n_tokens == decode_tokens and status == 0:
             # Only pure decode steps are compared: a prompt chunk makes a step longer for reasons of its own.
             change = self._threads.step_done(n_tokens, time.perf_counter() - started)
@@ -560,6 +668,9 @@ class GGUFEngine:
             for running in in_batch:
                 self._abort(running, error)
             return
+        for running in list(in_batch):
+            if running.group is not None and running.group.awaiting_prompt and running.batch_index >= 0:
+                in_batch.extend(self._share_prompt(running, running.group))
 
         # Sample every sequence first, then hand the tokens out in one go: the deliveries then reach the event loop
         # as one burst (one wake-up, see sinks.LoopInbox) instead of one wake-up per sequence between samplings.
@@ -581,6 +692,23 @@ class GGUFEngine:
             except Exception as exc:  # a broken sink ends its own job only
                 self._abort(running, exc)
 
+    def _share_prompt(self, first: _Running, group: _Group) -> list[_Running]:
+        """The first choice's prompt is now in the KV cache: copy its cells to the other choices, which sample their
+        first token from the same row of logits. Answers the choices that got the prompt."""
+        shared = []
+        for running in group.awaiting_prompt:
+            if running.seq_id not in self._running:
+                continue  # it ended (cancelled) before its prompt came
+            # The whole sequence (p0, p1 = -1): across KV streams llama.cpp copies only whole streams.
+            llama_cpp.llama_memory_seq_cp(self._memory, first.seq_id, running.seq_id, -1, -1)
+            running.prefilled = running.position = first.prefilled
+            running.batch_index = first.batch_index
+            shared.append(running)
+        group.awaiting_prompt = []
+        if self._per_sequence and shared:
+            self._copies_pending = True
+        return shared
+
     def _sample_constrained(self, running: _Running) -> int:
         return self._candidates.sample(running.batch_index, running.sampler, running.grammar, running.shortlist)
 
@@ -590,11 +718,14 @@ class GGUFEngine:
             self._finish(running, FinishReason.STOP)
             return
         running.produced += 1
-        if running.logprobs is not None:
-            running.logprobs.append(self._logprob(running, token))
         fed = running.assembler.feed(piece)
+        queue = running.queue
+        if running.logprobs is not None and queue is not None:
+            entry = self._logprob(running, token)
+            running.logprobs.append(entry)
+            queue.add(entry, fed)
         if fed.text:
-            running.sink.text(fed.text)
+            running.sink.text(fed.text, None if queue is None else queue.sent(len(fed.text)), running.choice)
         if fed.stopped:
             self._finish(running, FinishReason.STOP)
         elif running.produced >= running.job.max_tokens:
@@ -623,29 +754,44 @@ class GGUFEngine:
         self.last_finish = JobFinish(running.job.job_id, reason, running.produced)
         try:
             tail = running.assembler.flush()
+            queue = running.queue
             if tail:
-                running.sink.text(tail)
-            running.sink.finished(reason, running.produced, running.logprobs)
+                running.sink.text(tail, None if queue is None else queue.sent(len(tail)), running.choice)
+            running.sink.finished(reason, running.produced, running.logprobs, running.choice)
         except Exception:
             log.exception("a token sink failed while finishing job %d", running.job.job_id)
 
     def _abort(self, running: _Running, error: Exception) -> None:
+        """End a job that failed: all of its choices, and its sink hears of it once."""
         # After a failure the cells' content is not known: never offer them as a cached prefix.
-        self._release(running, keep_cache=False)
+        members = running.group.members if running.group is not None else [running]
+        released = [self._release(member, keep_cache=False) for member in members]
+        if not any(released):
+            return  # already ended (another choice of the same job failed first)
         if not isinstance(error, GenerationError | NotReadyError):
             log.error("job %d failed: %r", running.job.job_id, error)
             error = GenerationError(f"generation failed: {error}")
         self._notify_failed(running.sink, error)
 
-    def _release(self, running: _Running, *, keep_cache: bool = True) -> None:
-        if self._running.pop(running.seq_id, None) is None:
-            return
+    def _release(self, running: _Running, *, keep_cache: bool = True) -> bool:
+        """Free a sequence that ended; False when it had already left."""
+        if self._running.get(running.seq_id) is not running:
+            return False
+        del self._running[running.seq_id]
         if running.sampler is not None:
             llama_cpp.llama_sampler_free(running.sampler)
         if running.grammar is not None:
             llama_cpp.llama_sampler_free(running.grammar)
         seq_id = running.seq_id
         held: list[int] = []
+        freed = running.reserved_cells
+        group = running.group
+        if group is not None:
+            if any(self._running.get(member.seq_id) is member for member in group.members):
+                # Other choices still run: only the last to leave keeps the (shared) prompt in the cache.
+                keep_cache = False
+            else:
+                freed += group.prompt_cells
         if keep_cache and self._prompt_cache:
             # Exactly the tokens whose cells this sequence wrote: the prompt so far and the answer tokens fed back.
             held = [*running.job.prompt_tokens[: running.prefilled], *running.fed]
@@ -653,7 +799,8 @@ class GGUFEngine:
             # Removing a whole sequence never fails; its cells are free for the next step.
             llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
         self._idle[seq_id] = held  # inserted last: the most recently used
-        self._free_cells += running.reserved_cells - len(held)
+        self._free_cells += freed - len(held)
+        return True
 
     def _fail_everyone(self, error: Exception) -> None:
         for running in list(self._running.values()):

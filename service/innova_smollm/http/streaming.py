@@ -18,7 +18,7 @@ from litestar.response import Stream
 from litestar.response.base import ASGIResponse
 from litestar.types import Scope
 
-from innova_smollm.core.service import ModelService, Outcome, Prepared
+from innova_smollm.core.service import Chunk, ModelService, Outcome, Prepared
 from innova_smollm.errors import ServiceError
 from innova_smollm.http.errors import CLIENT_CLOSED_REQUEST, ErrorFormat, service_error_body
 from innova_smollm.http.requestlog import note, note_outcome
@@ -94,8 +94,8 @@ class Wire(Protocol):
         """Frames sent before the first text."""
         ...
 
-    def text(self, text: str) -> bytes:
-        """The frame of one text chunk."""
+    def text(self, chunk: Chunk) -> bytes:
+        """The frame of one text chunk (of one choice, with its tokens' log probabilities when asked for)."""
         ...
 
     def closing(self, outcome: Outcome) -> Sequence[bytes]:
@@ -107,7 +107,7 @@ class Wire(Protocol):
         ...
 
 
-async def collect(stream: AsyncIterator[str | Outcome]) -> Outcome:
+async def collect(stream: AsyncIterator[Chunk | Outcome]) -> Outcome:
     async for item in stream:
         if isinstance(item, Outcome):
             return item
@@ -134,15 +134,15 @@ async def answer(
     return wire.whole(outcome)
 
 
-async def _frames(stream: AsyncIterator[str | Outcome], wire: Wire, scope: Scope) -> AsyncIterator[bytes]:
+async def _frames(stream: AsyncIterator[Chunk | Outcome], wire: Wire, scope: Scope) -> AsyncIterator[bytes]:
     finished = False
     try:
         for opening in wire.opening():
             yield opening
         async for item in stream:
-            if isinstance(item, str):
+            if isinstance(item, Chunk):
                 # A wire may hold text back (a chat answer that may turn out a tool call): then it frames nothing.
-                if item and (text_frame := wire.text(item)):
+                if item.text and (text_frame := wire.text(item)):
                     yield text_frame
                 continue
             finished = True

@@ -130,6 +130,15 @@ class SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         ]
         | None
     ) = None
+    n: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="How many answers to generate for the prompt, at most SMOLLM_PARALLEL (above: 400). The prompt "
+            "is decoded once; each answer samples on its own (with `seed`, answer i uses seed + i). Above 1 the answer "
+            "has `choices`, and stream events carry the choice's `index`.",
+        ),
+    ] = 1
 
 
 class ChatRequest(SamplingFields, kw_only=True, forbid_unknown_fields=True):
@@ -230,22 +239,51 @@ LogprobsField = Annotated[
 ]
 
 
+class Choice(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One of the answers of a request with `n` > 1."""
+
+    index: int
+    text: Annotated[str | None, Meta(description="The answer (absent in a stream's `done`: it was streamed).")] = None
+    finish_reason: FinishReasonField
+    completion_tokens: int
+    logprobs: LogprobsField = None
+
+
+ChoicesField = Annotated[
+    list[Choice] | msgspec.UnsetType,
+    Meta(description="With `n` > 1, every answer by index; the top-level answer and finish_reason are choice 0's."),
+]
+
+
 class ChatResponse(msgspec.Struct, kw_only=True):
-    response: Annotated[str, Meta(description="The assistant's answer.")]
+    response: Annotated[str, Meta(description="The assistant's answer (the first choice's with `n` > 1).")]
     model_info: ModelInfo
-    usage: Usage
+    usage: Annotated[Usage, Meta(description="The prompt's tokens once, and all choices' answer tokens.")]
     finish_reason: FinishReasonField
     timings: Timings
     logprobs: LogprobsField = None
+    choices: ChoicesField = msgspec.UNSET
 
 
 class GenerateResponse(msgspec.Struct, kw_only=True):
-    text: Annotated[str, Meta(description="The generated continuation of the prompt.")]
+    text: Annotated[str, Meta(description="The generated continuation of the prompt (the first choice's).")]
     model_info: ModelInfo
     usage: Usage
     finish_reason: FinishReasonField
     timings: Timings
     logprobs: LogprobsField = None
+    choices: ChoicesField = msgspec.UNSET
+
+
+class StreamToken(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Data of a `token` event of a native stream."""
+
+    text: str
+    index: Annotated[int, Meta(description="The choice this text belongs to (0 unless `n` > 1).")]
+    logprobs: Annotated[
+        list[TokenLogprobs] | None,
+        Meta(description="With `logprobs`: those of exactly the tokens whose text this event carries."),
+    ] = None
 
 
 class StreamDone(msgspec.Struct, kw_only=True):
@@ -256,6 +294,7 @@ class StreamDone(msgspec.Struct, kw_only=True):
     model_info: ModelInfo
     timings: Timings
     logprobs: LogprobsField = None
+    choices: ChoicesField = msgspec.UNSET
 
 
 class Health(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -8,18 +8,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from innova_smollm.core.service import ModelService, Outcome, RequestOptions
-from innova_smollm.core.types import ChatMessage
+import msgspec
+
+from innova_smollm.core.service import Chunk, ModelService, Outcome, RequestOptions
+from innova_smollm.core.types import ChatMessage, TokenLogprob
 from innova_smollm.http.constraints import constraint_of, logit_bias_of
 from innova_smollm.http.errors import ErrorFormat, native_error
 from innova_smollm.http.native.protocol import (
     ChatRequest,
     ChatResponse,
+    Choice,
     GenerateResponse,
     Info,
     ModelInfo,
     SamplingFields,
     StreamDone,
+    StreamToken,
     Timings,
     TokenLogprobs,
     TopToken,
@@ -44,6 +48,7 @@ def options_from(data: SamplingFields) -> RequestOptions:
         seed=data.seed,
         constraint=constraint_of(data.response_format, data.grammar),
         logprobs=data.logprobs,
+        n=data.n,
     )
 
 
@@ -51,8 +56,8 @@ def messages_from(data: ChatRequest) -> list[ChatMessage]:
     return [ChatMessage(role=m.role, content=m.content) for m in data.messages]
 
 
-def logprobs_of(outcome: Outcome) -> list[TokenLogprobs] | None:
-    if outcome.logprobs is None:
+def logprobs_of(entries: Sequence[TokenLogprob] | None) -> list[TokenLogprobs] | None:
+    if entries is None:
         return None
 
     def text(token: bytes) -> str:
@@ -64,7 +69,23 @@ def logprobs_of(outcome: Outcome) -> list[TokenLogprobs] | None:
             logprob=entry.logprob,
             top_logprobs=[TopToken(token=text(token), logprob=logprob) for token, logprob in entry.top],
         )
-        for entry in outcome.logprobs
+        for entry in entries
+    ]
+
+
+def choices_of(outcome: Outcome, *, with_text: bool) -> list[Choice] | msgspec.UnsetType:
+    """Every choice of an answer with ``n`` > 1 (UNSET, so absent, for one choice)."""
+    if len(outcome.choices) < 2:
+        return msgspec.UNSET
+    return [
+        Choice(
+            index=choice.index,
+            text=choice.text if with_text else None,
+            finish_reason=choice.finish_reason.value,
+            completion_tokens=choice.completion_tokens,
+            logprobs=logprobs_of(choice.logprobs),
+        )
+        for choice in outcome.choices
     ]
 
 
@@ -158,7 +179,8 @@ class NativeWire:
                 usage=usage,
                 finish_reason=outcome.finish_reason.value,
                 timings=timings,
-                logprobs=logprobs_of(outcome),
+                logprobs=logprobs_of(outcome.logprobs),
+                choices=choices_of(outcome, with_text=True),
             )
         return GenerateResponse(
             text=outcome.text,
@@ -166,14 +188,15 @@ class NativeWire:
             usage=usage,
             finish_reason=outcome.finish_reason.value,
             timings=timings,
-            logprobs=logprobs_of(outcome),
+            logprobs=logprobs_of(outcome.logprobs),
+            choices=choices_of(outcome, with_text=True),
         )
 
     def opening(self) -> Sequence[bytes]:
         return ()
 
-    def text(self, text: str) -> bytes:
-        return frame("token", {"text": text})
+    def text(self, chunk: Chunk) -> bytes:
+        return frame("token", StreamToken(text=chunk.text, index=chunk.choice, logprobs=logprobs_of(chunk.logprobs)))
 
     def closing(self, outcome: Outcome) -> Sequence[bytes]:
         done = StreamDone(
@@ -181,7 +204,8 @@ class NativeWire:
             usage=usage_of(outcome),
             model_info=model_info_of(self._service, outcome),
             timings=timings_of(outcome),
-            logprobs=logprobs_of(outcome),
+            logprobs=logprobs_of(outcome.logprobs),
+            choices=choices_of(outcome, with_text=False),
         )
         return (frame("done", done),)
 

@@ -3,9 +3,10 @@
 Nothing a request asks for is silently ignored. Every field OpenAI defines is declared below, in one of three groups:
 
 - **Honoured**: ``messages``/``prompt``, ``max_tokens``/``max_completion_tokens``, ``temperature``, ``top_p``,
-  ``stop``, ``seed``, ``n`` (1), ``stream``, ``stream_options.include_usage``, ``frequency_penalty``,
-  ``presence_penalty``, ``logit_bias``, ``response_format`` (``text``, ``json_object``, ``json_schema``), and the
-  extensions llama.cpp's server, vLLM and llama-cpp-python take: ``top_k``, ``min_p``, ``repeat_penalty``.
+  ``stop``, ``seed``, ``n`` (up to SMOLLM_PARALLEL), ``stream``, ``stream_options.include_usage``,
+  ``frequency_penalty``, ``presence_penalty``, ``logit_bias``, ``response_format`` (``text``, ``json_object``,
+  ``json_schema``), and the extensions llama.cpp's server, vLLM and llama-cpp-python take: ``top_k``, ``min_p``,
+  ``repeat_penalty``.
 - **Metadata, read and ignored**: ``model`` (one model is served, and answers name it), ``user``, ``metadata``,
   ``store`` (nothing is stored), ``service_tier``, ``prompt_cache_key`` (the prompt cache is automatic),
   ``safety_identifier``; in messages ``name``, ``annotations`` and a null ``refusal``/``audio``/``function_call``.
@@ -13,7 +14,7 @@ Nothing a request asks for is silently ignored. Every field OpenAI defines is de
 - **Tools**: ``tools``, ``tool_choice`` (``none``, ``auto``, ``required``, a named function), assistant messages with
   ``tool_calls`` and ``role: "tool"`` messages: see :mod:`innova_smollm.http.openai.tools`.
 - **Refused with a 400 naming the field** when they ask for something (a null, ``false`` or default value is fine):
-  the legacy ``functions``/``function_call``, ``n`` > 1, ``audio``,
+  the legacy ``functions``/``function_call``, ``n`` above SMOLLM_PARALLEL or together with ``tools``, ``audio``,
   ``modalities`` other than ``["text"]``, ``prediction``, ``reasoning_effort``, ``verbosity``,
   ``web_search_options``; on ``/v1/completions`` also ``echo``, ``best_of`` > 1 and ``suffix``; a ``response_format``
   type other than the three above; a JSON schema construct the grammar cannot enforce (see
@@ -32,7 +33,14 @@ Other decisions a caller may need to know:
   ``cancelled`` (the client went away) maps to ``stop``; no connected client ever receives it.
 - ``logprobs`` (chat: ``logprobs: true`` + ``top_logprobs`` up to 20; completions: ``logprobs`` up to 5) are the
   model's raw distribution at each step (before temperature, penalties, biases and grammar). A streamed answer
-  carries them all in its last chunk (the one with ``finish_reason``), which the SDK's accumulators merge as usual.
+  carries each token's in the chunk that carries its text, as OpenAI does; a token whose text never came (cut by
+  a stop string) rides on the choice's last chunk, the one with ``finish_reason``.
+- ``n`` answers decode side by side from one prompt, decoded once (its KV cells are copied, not recomputed); each
+  samples on its own, and with ``seed`` choice ``i`` uses ``seed + i``, so the set repeats. Greedy choices are
+  identical. ``usage`` counts the prompt once and every choice's answer tokens. A request with ``n`` choices takes
+  ``n`` of SMOLLM_PARALLEL's sequences and counts ``n`` times against SMOLLM_PARALLEL + SMOLLM_MAX_QUEUE; in the
+  ``shared`` KV layout the choices also share its n_ctx cells (the prompt once, each answer's ``max_tokens``).
+  Streamed chunks carry each choice's ``index``.
 - Non-text content parts are refused with a 400 rather than answered with less than was asked.
 - Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``; ``code`` is the native error type
   (``context_length_exceeded``, ``queue_full``, ``not_ready``...), and an over-long prompt's message starts like
@@ -150,7 +158,13 @@ class Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     logit_bias: LogitBias | None = None
     stop: Stop | None = None
     seed: Annotated[int | None, Meta(description="Repeatable sampling; reduced modulo 2**32.")] = None
-    n: Annotated[int, Meta(ge=1, description="Only 1 is supported.")] | None = None
+    n: (
+        Annotated[
+            int,
+            Meta(ge=1, description="Answers for the prompt, up to SMOLLM_PARALLEL; with seed, choice i uses seed + i."),
+        ]
+        | None
+    ) = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None

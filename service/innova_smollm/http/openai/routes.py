@@ -61,7 +61,8 @@ class OpenAIController(Controller):
         tools = plan.template_tools() if plan is not None else None
         # Rendering the template and tokenizing a long conversation is CPU work: keep it off the event loop.
         prepared = await anyio.to_thread.run_sync(service.prepare_chat, messages, options, tools)
-        wire = OpenAIWire(ChatAnswer(model_name(service, prepared), plan), include_usage=data.include_usage)
+        chat_answer = ChatAnswer(model_name(service, prepared), plan, n=prepared.n)
+        wire = OpenAIWire(chat_answer, include_usage=data.include_usage)
         result: oai.ChatCompletion | Response[Any] = await answer(request, service, prepared, wire, stream=data.stream)
         return result
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import msgspec
 
 from innova_smollm.core.schema import OutputConstraint
-from innova_smollm.core.service import ModelService, Outcome, Prepared, RequestOptions
-from innova_smollm.core.types import ChatMessage, FinishReason
+from innova_smollm.core.service import Choice, Chunk, ModelService, Outcome, Prepared, RequestOptions
+from innova_smollm.core.types import ChatMessage, FinishReason, TokenLogprob
 from innova_smollm.errors import InvalidRequestError
 from innova_smollm.http.constraints import constraint_of, logit_bias_of
 from innova_smollm.http.errors import ErrorFormat, openai_error
@@ -57,7 +57,6 @@ DONE = b"data: [DONE]\n\n"
 
 #: Per refused field, the values that ask for nothing (and so may be sent), and what the refusal says.
 _HARMLESS: dict[str, tuple[tuple[object, ...], str]] = {
-    "n": ((None, 1), "this server returns one choice"),
     "functions": ((None, []), "function calls are not supported"),
     "function_call": ((None, "none"), "function calls are not supported"),
     "audio": ((None,), "this model reads and writes text only"),
@@ -67,7 +66,7 @@ _HARMLESS: dict[str, tuple[tuple[object, ...], str]] = {
     "verbosity": ((None,), "verbosity is not supported"),
     "web_search_options": ((None,), "this server does not search the web"),
     "echo": ((None, False), "echoing the prompt is not supported"),
-    "best_of": ((None, 1), "this server returns one choice"),
+    "best_of": ((None, 1), "the server does not pick the best of several answers (n returns them all)"),
     "suffix": ((None, ""), "insertion (suffix) is not supported"),
 }
 
@@ -102,6 +101,11 @@ def _logprobs_of(request: Sampling) -> int | None:
 
 def options_of(request: Sampling, plan: ToolPlan | None = None) -> RequestOptions:
     _refuse_what_is_asked(request, _HARMLESS)
+    n = request.n or 1
+    if n > 1 and plan is not None and plan.active:
+        raise InvalidRequestError(
+            f"n={n} cannot be combined with tools: an answer that may be a tool call has one choice", field="n"
+        )
     if isinstance(request, ChatCompletionRequest):
         for index, message in enumerate(request.messages):
             _refuse_what_is_asked(message, _HARMLESS_IN_MESSAGES, f"messages[{index}].")
@@ -121,6 +125,7 @@ def options_of(request: Sampling, plan: ToolPlan | None = None) -> RequestOption
         seed=None if request.seed is None else request.seed % 2**32,
         constraint=_constraint(request, plan),
         logprobs=_logprobs_of(request),
+        n=n,
     )
 
 
@@ -191,8 +196,8 @@ def _token_text(token: bytes) -> str:
     return token.decode("utf-8", errors="replace")
 
 
-def chat_logprobs_of(outcome: Outcome) -> ChoiceLogprobs | None:
-    if outcome.logprobs is None:
+def chat_logprobs_of(entries: Sequence[TokenLogprob] | None) -> ChoiceLogprobs | None:
+    if entries is None:
         return None
     return ChoiceLogprobs(
         content=[
@@ -205,28 +210,30 @@ def chat_logprobs_of(outcome: Outcome) -> ChoiceLogprobs | None:
                     for token, logprob in entry.top
                 ],
             )
-            for entry in outcome.logprobs
+            for entry in entries
         ]
     )
 
 
-def completion_logprobs_of(outcome: Outcome) -> CompletionLogprobs | None:
-    if outcome.logprobs is None:
+def completion_logprobs_of(entries: Sequence[TokenLogprob] | None, offset: int = 0) -> CompletionLogprobs | None:
+    """OpenAI's legacy logprobs; ``offset``: where the first token's text starts in the answer (streamed chunks)."""
+    if entries is None:
         return None
-    tokens = [_token_text(entry.token) for entry in outcome.logprobs]
-    offsets, offset = [], 0
+    tokens = [_token_text(entry.token) for entry in entries]
+    offsets = []
     for token in tokens:
         offsets.append(offset)
         offset += len(token)
     return CompletionLogprobs(
         tokens=tokens,
-        token_logprobs=[entry.logprob for entry in outcome.logprobs],
-        top_logprobs=[{_token_text(token): logprob for token, logprob in entry.top} for entry in outcome.logprobs],
+        token_logprobs=[entry.logprob for entry in entries],
+        top_logprobs=[{_token_text(token): logprob for token, logprob in entry.top} for entry in entries],
         text_offset=offsets,
     )
 
 
 def usage_of(outcome: Outcome) -> Usage:
+    # The prompt was decoded once whatever n is; the completion tokens are all choices'.
     return Usage(
         prompt_tokens=outcome.prompt_tokens,
         completion_tokens=outcome.completion_tokens,
@@ -234,8 +241,25 @@ def usage_of(outcome: Outcome) -> Usage:
     )
 
 
+def choices_of(outcome: Outcome) -> tuple[Choice, ...]:
+    return outcome.choices or (
+        Choice(
+            index=0,
+            text=outcome.text,
+            finish_reason=outcome.finish_reason,
+            completion_tokens=outcome.completion_tokens,
+            logprobs=outcome.logprobs,
+        ),
+    )
+
+
 class Answer:
-    """One answer's id, creation time and model name, shared by all of its stream chunks."""
+    """One answer's id, creation time and model name, shared by all of its stream chunks.
+
+    A stream sends each token's log probabilities in the chunk that carries its text (as OpenAI does); those of
+    tokens whose text never came (a stop string cut it) ride on the choice's last chunk, the one with
+    ``finish_reason``. ``sent`` counts, by choice, the entries already sent.
+    """
 
     prefix = "answer"
 
@@ -243,68 +267,103 @@ class Answer:
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
+        self._sent_logprobs: dict[int, int] = {}
+
+    def _chunk_logprobs(self, chunk: Chunk) -> Sequence[TokenLogprob] | None:
+        if chunk.logprobs is not None:
+            self._sent_logprobs[chunk.choice] = self._sent_logprobs.get(chunk.choice, 0) + len(chunk.logprobs)
+        return chunk.logprobs
+
+    def _unsent_logprobs(self, choice: Choice) -> Sequence[TokenLogprob] | None:
+        if not choice.logprobs:
+            return None
+        unsent = choice.logprobs[self._sent_logprobs.get(choice.index, 0) :]
+        return unsent or None
 
 
 class ChatAnswer(Answer):
-    """A chat answer; with tools offered, the text may turn out a tool call (see :mod:`.tools`)."""
+    """A chat answer; with tools offered, the text may turn out a tool call (see :mod:`.tools`; one choice only)."""
 
     prefix = "chatcmpl"
 
-    def __init__(self, model: str, plan: ToolPlan | None = None) -> None:
+    def __init__(self, model: str, plan: ToolPlan | None = None, n: int = 1) -> None:
         super().__init__(model)
+        self._n = n
         self._plan = plan if plan is not None and plan.active else None
-        #: Streamed text held back while it may still be a tool call.
-        self._held: list[str] | None = [] if self._plan is not None else None
+        #: Streamed text held back while it may still be a tool call, and its tokens' log probabilities.
+        self._held: list[Chunk] | None = [] if self._plan is not None else None
 
-    def _call(self, outcome: Outcome) -> ParsedCall | None:
-        if self._plan is None or outcome.finish_reason is not FinishReason.STOP:
+    def _call(self, choice: Choice) -> ParsedCall | None:
+        if self._plan is None or choice.finish_reason is not FinishReason.STOP:
             return None
-        return parse_call(outcome.text, self._plan)
+        return parse_call(choice.text, self._plan)
 
     def whole(self, outcome: Outcome) -> ChatCompletion:
-        call = self._call(outcome)
-        if call is None:
-            message = AssistantMessage(content=outcome.text)
-            reason = finish_reason_of(outcome.finish_reason)
-        else:
-            tool_call = ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
-            message, reason = AssistantMessage(content=None, tool_calls=[tool_call]), "tool_calls"
-        choice = ChatChoice(message=message, finish_reason=reason, logprobs=chat_logprobs_of(outcome))
+        choices = []
+        for choice in choices_of(outcome):
+            call = self._call(choice)
+            if call is None:
+                message = AssistantMessage(content=choice.text)
+                reason = finish_reason_of(choice.finish_reason)
+            else:
+                tool_call = ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+                message, reason = AssistantMessage(content=None, tool_calls=[tool_call]), "tool_calls"
+            choices.append(
+                ChatChoice(
+                    index=choice.index,
+                    message=message,
+                    finish_reason=reason,
+                    logprobs=chat_logprobs_of(choice.logprobs),
+                )
+            )
         return ChatCompletion(
-            id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage_of(outcome)
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage_of(outcome)
         )
 
     def opening(self) -> list[ChatCompletionChunk]:
         # OpenAI opens a stream with the role, then sends content deltas, then an empty delta with finish_reason.
-        return [self._chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])]
+        return [
+            self._chunk([ChunkChoice(index=index, delta=Delta(role="assistant", content=""))])
+            for index in range(self._n)
+        ]
 
-    def text(self, text: str) -> ChatCompletionChunk | None:
+    def text(self, chunk: Chunk) -> ChatCompletionChunk | None:
         if self._held is not None:
-            self._held.append(text)
-            held = "".join(self._held)
+            self._held.append(chunk)
+            held = "".join(part.text for part in self._held)
             if may_be_a_call(held):
                 return None  # sent as a call or as text once the answer is complete
+            chunk = _joined(self._held)
             self._held = None
-            text = held
-        return self._chunk([ChunkChoice(delta=Delta(content=text))])
+        logprobs = chat_logprobs_of(self._chunk_logprobs(chunk))
+        return self._chunk([ChunkChoice(index=chunk.choice, delta=Delta(content=chunk.text), logprobs=logprobs)])
 
     def closing_chunks(self, outcome: Outcome) -> list[ChatCompletionChunk]:
         chunks = []
-        call = self._call(outcome) if self._held is not None else None
-        if call is not None:
-            # OpenAI's shape: the call's id, type and name first, then its arguments.
-            head = ToolCallDelta(index=0, id=call.id, type="function", function=FunctionDelta(name=call.name))
-            arguments = ToolCallDelta(index=0, function=FunctionDelta(arguments=call.arguments))
-            chunks.append(self._chunk([ChunkChoice(delta=Delta(tool_calls=[head]))]))
-            chunks.append(self._chunk([ChunkChoice(delta=Delta(tool_calls=[arguments]))]))
-            reason: OpenAIFinishReason = "tool_calls"
-        else:
-            if self._held:
-                chunks.append(self._chunk([ChunkChoice(delta=Delta(content="".join(self._held)))]))
-            reason = finish_reason_of(outcome.finish_reason)
-        self._held = None
-        logprobs = chat_logprobs_of(outcome)
-        chunks.append(self._chunk([ChunkChoice(delta=Delta(), finish_reason=reason, logprobs=logprobs)]))
+        for choice in choices_of(outcome):
+            call = self._call(choice) if self._held is not None else None
+            if call is not None:
+                # OpenAI's shape: the call's id, type and name first, then its arguments.
+                head = ToolCallDelta(index=0, id=call.id, type="function", function=FunctionDelta(name=call.name))
+                arguments = ToolCallDelta(index=0, function=FunctionDelta(arguments=call.arguments))
+                chunks.append(self._chunk([ChunkChoice(index=choice.index, delta=Delta(tool_calls=[head]))]))
+                chunks.append(self._chunk([ChunkChoice(index=choice.index, delta=Delta(tool_calls=[arguments]))]))
+                reason: OpenAIFinishReason = "tool_calls"
+            else:
+                if self._held:
+                    held = _joined(self._held)
+                    logprobs = chat_logprobs_of(self._chunk_logprobs(held))
+                    delta = Delta(content=held.text)
+                    chunks.append(self._chunk([ChunkChoice(index=choice.index, delta=delta, logprobs=logprobs)]))
+                reason = finish_reason_of(choice.finish_reason)
+            self._held = None
+            last = ChunkChoice(
+                index=choice.index,
+                delta=Delta(),
+                finish_reason=reason,
+                logprobs=chat_logprobs_of(self._unsent_logprobs(choice)),
+            )
+            chunks.append(self._chunk([last]))
         return chunks
 
     def usage(self, outcome: Outcome) -> ChatCompletionChunk:
@@ -314,35 +373,65 @@ class ChatAnswer(Answer):
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
 
 
+def _joined(chunks: Sequence[Chunk]) -> Chunk:
+    logprobs = None
+    if any(chunk.logprobs is not None for chunk in chunks):
+        logprobs = tuple(entry for chunk in chunks for entry in chunk.logprobs or ())
+    return Chunk("".join(chunk.text for chunk in chunks), chunks[0].choice if chunks else 0, logprobs)
+
+
 class CompletionAnswer(Answer):
     prefix = "cmpl"
 
+    def __init__(self, model: str) -> None:
+        super().__init__(model)
+        #: By choice, the characters of text sent so far (where the next chunk's text_offset starts).
+        self._offsets: dict[int, int] = {}
+
     def whole(self, outcome: Outcome) -> Completion:
-        return self._chunk(
-            outcome.text, finish_reason_of(outcome.finish_reason), usage_of(outcome), completion_logprobs_of(outcome)
-        )
+        choices = [
+            CompletionChoice(
+                index=choice.index,
+                text=choice.text,
+                finish_reason=finish_reason_of(choice.finish_reason),
+                logprobs=completion_logprobs_of(choice.logprobs),
+            )
+            for choice in choices_of(outcome)
+        ]
+        return Completion(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage_of(outcome))
 
     def opening(self) -> list[Completion]:
         return []
 
-    def text(self, text: str) -> Completion:
-        return self._chunk(text, None)
+    def text(self, chunk: Chunk) -> Completion:
+        offset = self._offsets.get(chunk.choice, 0)
+        logprobs = completion_logprobs_of(self._chunk_logprobs(chunk), offset)
+        self._offsets[chunk.choice] = offset + len(chunk.text)
+        return self._chunk(chunk.choice, chunk.text, None, logprobs=logprobs)
 
     def closing_chunks(self, outcome: Outcome) -> list[Completion]:
-        return [self._chunk("", finish_reason_of(outcome.finish_reason), logprobs=completion_logprobs_of(outcome))]
+        return [
+            self._chunk(
+                choice.index,
+                "",
+                finish_reason_of(choice.finish_reason),
+                logprobs=completion_logprobs_of(self._unsent_logprobs(choice), self._offsets.get(choice.index, 0)),
+            )
+            for choice in choices_of(outcome)
+        ]
 
     def usage(self, outcome: Outcome) -> Completion:
         return Completion(id=self.id, created=self.created, model=self.model, choices=[], usage=usage_of(outcome))
 
     def _chunk(
         self,
+        index: int,
         text: str,
         finish_reason: OpenAIFinishReason | None,
-        usage: Usage | None = None,
         logprobs: CompletionLogprobs | None = None,
     ) -> Completion:
-        choice = CompletionChoice(text=text, finish_reason=finish_reason, logprobs=logprobs)
-        return Completion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
+        choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason, logprobs=logprobs)
+        return Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
 
 
 class OpenAIWire:
@@ -361,9 +450,9 @@ class OpenAIWire:
     def opening(self) -> Sequence[bytes]:
         return [frame(None, chunk) for chunk in self._answer.opening()]
 
-    def text(self, text: str) -> bytes:
-        chunk = self._answer.text(text)
-        return b"" if chunk is None else frame(None, chunk)
+    def text(self, chunk: Chunk) -> bytes:
+        framed = self._answer.text(chunk)
+        return b"" if framed is None else frame(None, framed)
 
     def closing(self, outcome: Outcome) -> Sequence[bytes]:
         frames = [frame(None, chunk) for chunk in self._answer.closing_chunks(outcome)]
