@@ -38,6 +38,7 @@ from innova_smollm.engine.saved_states import SavedState, common_prefix_length
 from innova_smollm.engine.scheduler import GGUFEngine
 from innova_smollm.errors import ContextLengthExceededError, GenerationError, NotReadyError, RequestTimeoutError
 from innova_smollm.settings import FlashAttention, KVLayout, Settings
+from tests.servers import wait_until
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -85,13 +86,13 @@ class RecordingSink:
             self.started_count += 1
             self.started_at = time.monotonic()
 
-    def text(self, chunk: str) -> None:
+    def text(self, chunk: str, logprobs: object = None, choice: int = 0) -> None:
         with self._lock:
             self.chunks.append(chunk)
             if self._cancel_after is not None and len(self.chunks) >= self._cancel_after:
                 self._cancel.set()
 
-    def finished(self, reason: FinishReason, completion_tokens: int, logprobs: object = None) -> None:
+    def finished(self, reason: FinishReason, completion_tokens: int, logprobs: object = None, choice: int = 0) -> None:
         with self._lock:
             self.reason, self.completion_tokens = reason, completion_tokens
             self.finished_at = time.monotonic()
@@ -666,3 +667,135 @@ def test_per_sequence_batches_list_the_sequences_in_increasing_id_order(monkeypa
         assert all(rows == [0, 1, 2] for rows in decode_steps), decode_steps
     finally:
         loaded.close()
+
+
+# --- n choices of one prompt ------------------------------------------------------------------------------------
+
+
+class ChoicesSink(RecordingSink):
+    """Collects the choices of a job with ``n`` > 1 apart; done once every choice has finished (or the job failed)."""
+
+    def __init__(self, n: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.n = n
+        self.texts: dict[int, list[str]] = {index: [] for index in range(n)}
+        self.reasons: dict[int, FinishReason] = {}
+        self.tokens: dict[int, int] = {}
+
+    def text(self, chunk: str, logprobs: object = None, choice: int = 0) -> None:
+        with self._lock:
+            self.texts[choice].append(chunk)
+
+    def finished(self, reason: FinishReason, completion_tokens: int, logprobs: object = None, choice: int = 0) -> None:
+        with self._lock:
+            self.reasons[choice], self.tokens[choice] = reason, completion_tokens
+            if len(self.reasons) == self.n:
+                self._done.set()
+
+    @property
+    def answers(self) -> list[str]:
+        with self._lock:
+            return ["".join(self.texts[index]) for index in range(self.n)]
+
+
+def _choices(engine: GGUFEngine, job: GenerationJob) -> ChoicesSink:
+    sink = ChoicesSink(job.n)
+    engine.submit(job, sink)
+    sink.wait()
+    assert sink.error is None, sink.error
+    return sink
+
+
+@pytest.mark.parametrize("layout", ["shared", "per_sequence"])
+def test_greedy_choices_decode_the_prompt_once_and_answer_like_one(
+    layout: str, engine: GGUFEngine, per_sequence: GGUFEngine, alone: list[RecordingSink]
+) -> None:
+    loaded = engine if layout == "shared" else per_sequence
+    n = loaded.metadata.parallel
+    job = _job(loaded, PROMPTS[0], n=n)
+    count = PrefillCount(loaded)
+    sink = _choices(loaded, job)
+    # Decoded once, whatever n is: the other choices got the prompt's cells by copy.
+    assert count.reused + count.prefilled == len(job.prompt_tokens)
+    # The copied cells hold the same keys and values: greedy choices are the same answer...
+    assert len(set(sink.answers)) == 1 and sink.answers[0]
+    assert len(set(sink.reasons.values())) == 1 and len(set(sink.tokens.values())) == 1
+    # ... and agree with the answer of the prompt alone (n sequences decode per step instead of one: see the module
+    # docstring for why a prefix).
+    reference = alone[0].answer if layout == "shared" else _run(loaded, [_job(loaded, PROMPTS[0])])[0].answer
+    assert _common_prefix(sink.answers[0], reference) >= min(AGREED_PREFIX_CHARS, len(reference))
+    assert _cells_add_up(loaded)
+
+
+@pytest.mark.parametrize("layout", ["shared", "per_sequence"])
+def test_sampled_choices_differ_and_a_seed_repeats_them(
+    layout: str, engine: GGUFEngine, per_sequence: GGUFEngine
+) -> None:
+    loaded = engine if layout == "shared" else per_sequence
+    sampling = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=7)
+    job = _job(loaded, PROMPTS[1], n=2, sampling=sampling, max_tokens=24)
+    first = _choices(loaded, job)
+    again = _choices(loaded, _job(loaded, PROMPTS[1], n=2, sampling=sampling, max_tokens=24))
+    assert first.answers == again.answers
+    assert first.answers[0] != first.answers[1]
+
+
+def test_choices_keep_their_own_stop_strings_and_max_tokens(engine: GGUFEngine) -> None:
+    sink = _choices(engine, _job(engine, PROMPTS[0], n=2, max_tokens=5))
+    assert sink.reasons == {0: FinishReason.LENGTH, 1: FinishReason.LENGTH} and sink.tokens == {0: 5, 1: 5}
+    answer = sink.answers[0]
+    stop = answer[len(answer) // 2 :].strip()[:3] or answer
+    stopped = _choices(engine, _job(engine, PROMPTS[0], n=2, max_tokens=5, stop=(stop,)))
+    assert all(stop not in text for text in stopped.answers)
+    assert set(stopped.reasons.values()) == {FinishReason.STOP}
+    assert _cells_add_up(engine)
+
+
+#: Greedy, with the embedded model's end tokens forbidden: an answer that runs until max_tokens or cancelled.
+NEVER_ENDS = SamplingParams(temperature=0.0, logit_bias=((0, -100.0), (2, -100.0)))
+
+
+def _cancelled_once_running(engine: GGUFEngine, job: GenerationJob) -> ChoicesSink:
+    sink = ChoicesSink(job.n)
+    engine.submit(job, sink)
+    assert wait_until(lambda: all(sink.texts.values()), timeout=WAIT_S)
+    sink.cancel()
+    sink.wait()
+    return sink
+
+
+def test_cancelling_a_job_ends_all_its_choices(engine: GGUFEngine) -> None:
+    sink = _cancelled_once_running(engine, _job(engine, PROMPTS[2], n=3, max_tokens=400, sampling=NEVER_ENDS))
+    assert sink.reasons == dict.fromkeys(range(3), FinishReason.CANCELLED)
+    assert _cells_add_up(engine)
+
+
+def test_more_choices_than_sequences_is_refused(per_sequence: GGUFEngine) -> None:
+    sink = ChoicesSink(3)
+    per_sequence.submit(_job(per_sequence, PROMPTS[0], n=3), sink)
+    sink.wait()
+    assert isinstance(sink.error, GenerationError) and "3 choices" in str(sink.error)
+
+
+def test_the_last_choice_to_end_keeps_the_prompt_in_the_cache(cached: GGUFEngine) -> None:
+    job = _job(cached, PROMPTS[2], n=2, max_tokens=8)
+    _choices(cached, job)
+    assert _cells_add_up(cached)
+    count = PrefillCount(cached)
+    assert _run(cached, [_job(cached, PROMPTS[2], max_tokens=8)])[0].error is None
+    assert (count.reused, count.prefilled) == (len(job.prompt_tokens) - 1, 1)
+    assert _cells_add_up(cached)
+
+
+def test_in_the_shared_cache_choices_reserve_the_prompt_once(engine: GGUFEngine) -> None:
+    # Four choices run only if their answers and the prompt's cells, counted once, fit the one shared cache, and
+    # one more token each would not fit: the engine refuses what it could never hold.
+    prompt = _job(engine, PROMPTS[0]).prompt_tokens
+    fits = (engine._total_cells - len(prompt)) // 4
+    sink = _cancelled_once_running(engine, _job(engine, PROMPTS[0], n=4, max_tokens=fits, sampling=NEVER_ENDS))
+    assert sink.reasons == dict.fromkeys(range(4), FinishReason.CANCELLED)
+    too_many = ChoicesSink(4)
+    engine.submit(_job(engine, PROMPTS[0], n=4, max_tokens=fits + 1), too_many)
+    too_many.wait()
+    assert isinstance(too_many.error, ContextLengthExceededError)
+    assert _cells_add_up(engine)
