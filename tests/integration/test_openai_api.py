@@ -7,15 +7,18 @@ import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 import requests
 
 from innova_smollm.engine.scheduler import GGUFEngine
+from innova_smollm.settings import KVLayout
 from tests.servers import (
     API,
     LONG_PROMPT,
+    NEVER_ENDS,
     LiveServer,
     forget_cached_prompt,
     make_settings,
@@ -352,3 +355,181 @@ def test_a_client_reading_slower_than_the_model_gets_the_whole_stream_in_fewer_l
     text_chunks = [chunk for chunk in chunks if chunk["choices"] and chunk["choices"][0]["text"]]
     assert usage["completion_tokens"] == 960
     assert len(text_chunks) < usage["completion_tokens"] * 3 // 4, (len(text_chunks), usage)
+
+
+# --- n choices ------------------------------------------------------------------------------------------------
+
+#: Sampled, seeded, and never ending early: every choice runs to max_tokens, so the counts are known.
+CHOICES = {"temperature": 1.0, "seed": 21, "max_tokens": 10, "logit_bias": NEVER_ENDS}
+COLOURS = [{"role": "user", "content": "Name a colour and say why you like it."}]
+
+
+def streamed_choices(chunks: list[Any]) -> tuple[dict[int, str], dict[int, str], Any]:
+    """Each choice's text and finish_reason from a stream's chunks, and the usage chunk's usage."""
+    texts: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    usage = None
+    for chunk in chunks:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            delta = choice.delta.content if hasattr(choice, "delta") else choice.text
+            texts[choice.index] = texts.get(choice.index, "") + (delta or "")
+            if choice.finish_reason:
+                assert choice.index not in reasons, "one finish_reason per choice"
+                reasons[choice.index] = choice.finish_reason
+    return texts, reasons, usage
+
+
+def test_n_chat_choices_whole_and_streamed(client: openai.OpenAI, live: LiveServer, engine: GGUFEngine) -> None:
+    forget_cached_prompt(live)
+    one = client.chat.completions.create(model=MODEL, messages=COLOURS, **CHOICES)  # type: ignore[arg-type]
+    assert one.usage is not None
+    forget_cached_prompt(live)
+    decoded = engine.prompt_tokens_reused + engine.prompt_tokens_prefilled
+    whole = client.chat.completions.create(model=MODEL, messages=COLOURS, n=2, **CHOICES)  # type: ignore[arg-type]
+    # The prompt was decoded once for both choices (reused from the cache or prefilled, never twice).
+    assert engine.prompt_tokens_reused + engine.prompt_tokens_prefilled - decoded == one.usage.prompt_tokens
+    assert [choice.index for choice in whole.choices] == [0, 1]
+    assert [choice.finish_reason for choice in whole.choices] == ["length", "length"]
+    texts = [choice.message.content for choice in whole.choices]
+    assert all(texts) and texts[0] != texts[1], "seeded choices draw on their own (seed + index)"
+    assert whole.usage is not None
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (one.usage.prompt_tokens, 2 * 10)
+    assert whole.usage.total_tokens == one.usage.prompt_tokens + 20
+
+    forget_cached_prompt(live)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=COLOURS,  # type: ignore[arg-type]
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+            **CHOICES,  # type: ignore[arg-type]
+        )
+    )
+    roles = [(choice.index, choice.delta.role) for chunk in chunks for choice in chunk.choices if choice.delta.role]
+    assert roles == [(0, "assistant"), (1, "assistant")]
+    streamed, reasons, usage = streamed_choices(chunks)
+    # The same seed gives the same choices, streamed or not.
+    assert streamed == {0: texts[0], 1: texts[1]}
+    assert reasons == {0: "length", 1: "length"}
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (one.usage.prompt_tokens, 20)
+
+
+def test_n_greedy_chat_choices_are_the_same_answer(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(model=MODEL, messages=COLOURS, n=3, max_tokens=12, temperature=0)
+    assert len({choice.message.content for choice in completion.choices}) == 1
+
+
+def test_n_text_completion_choices_whole_and_streamed(client: openai.OpenAI, live: LiveServer) -> None:
+    forget_cached_prompt(live)
+    whole = client.completions.create(model=MODEL, prompt="My favourite colour is", n=2, **CHOICES)  # type: ignore[arg-type]
+    assert [choice.index for choice in whole.choices] == [0, 1]
+    assert [choice.finish_reason for choice in whole.choices] == ["length", "length"]
+    assert whole.usage is not None and whole.usage.completion_tokens == 20
+    forget_cached_prompt(live)
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt="My favourite colour is",
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+            **CHOICES,  # type: ignore[arg-type]
+        )
+    )
+    streamed, reasons, usage = streamed_choices(chunks)
+    assert streamed == {0: whole.choices[0].text, 1: whole.choices[1].text}
+    assert reasons == {0: "length", 1: "length"}
+    assert usage is not None and usage.prompt_tokens == whole.usage.prompt_tokens and usage.completion_tokens == 20
+
+
+def test_native_n_choices_whole_and_streamed(live: LiveServer) -> None:
+    body = {"messages": COLOURS, "n": 2, **CHOICES}
+    forget_cached_prompt(live)
+    whole = live.post(f"{API}/chat", json=body).json()
+    assert [choice["index"] for choice in whole["choices"]] == [0, 1]
+    assert whole["response"] == whole["choices"][0]["text"]
+    assert [choice["completion_tokens"] for choice in whole["choices"]] == [10, 10]
+    assert whole["usage"]["completion_tokens"] == 20
+    forget_cached_prompt(live)
+    events = parse_sse(live.post(f"{API}/chat", json={**body, "stream": True}).text)
+    texts: dict[int, str] = {}
+    for name, data in events:
+        if name == "token":
+            token = json.loads(data)
+            texts[token["index"]] = texts.get(token["index"], "") + token["text"]
+    assert texts == {0: whole["choices"][0]["text"], 1: whole["choices"][1]["text"]}
+    name, data = events[-1]
+    done = json.loads(data)
+    assert name == "done" and [c["finish_reason"] for c in done["choices"]] == ["length", "length"]
+    assert done["usage"] == whole["usage"]
+    # One choice: the answer keeps its shape (no `choices`), and stream events name choice 0.
+    single = live.post(f"{API}/chat", json={**body, "n": 1}).json()
+    assert "choices" not in single
+    first = next(
+        json.loads(d)
+        for n, d in parse_sse(live.post(f"{API}/chat", json={**body, "n": 1, "stream": True}).text)
+        if n == "token"
+    )
+    assert first["index"] == 0
+
+
+@pytest.fixture(scope="module")
+def two_places(engine: GGUFEngine, model_path: Path) -> Iterator[LiveServer]:
+    """Two sequences' worth of admission and no waiting line, on the shared engine."""
+    with serve_in_thread(make_settings(model_path, parallel=2, max_queue=0, max_tokens=512), engine=engine) as server:
+        yield server
+
+
+def test_a_request_with_n_choices_takes_n_places(two_places: LiveServer) -> None:
+    endless = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": 500, "logit_bias": NEVER_ENDS, "stream": True}
+    with requests.post(two_places.url + "/v1/completions", json=endless, stream=True, timeout=60) as running:
+        lines = running.iter_lines()
+        assert next(lines).startswith(b"data: ")
+        # One place is taken: two more choices do not fit, one does.
+        busy = two_places.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "n": 2})
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "queue_full"
+        assert two_places.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}).ok
+    assert wait_until(lambda: in_flight(two_places) == 0, timeout=10)
+
+
+def test_n_above_parallel_is_a_400_naming_n_and_the_setting(live: LiveServer) -> None:
+    for path, body in (
+        ("/v1/chat/completions", {"messages": COLOURS}),
+        ("/v1/completions", {"prompt": "Hi"}),
+        (f"{API}/chat", {"messages": COLOURS}),
+        (f"{API}/generate", {"prompt": "Hi"}),
+    ):
+        reply = live.post(path, json={**body, "n": 5, "max_tokens": 2})
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert (error.get("param") or error.get("field")) == "n"
+        assert "SMOLLM_PARALLEL=4" in error["message"]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    reply = live.post("/v1/chat/completions", json={"messages": COLOURS, "n": 2, "tools": tools})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "n"
+
+
+@pytest.fixture(scope="module")
+def shared_cache(model_path: Path) -> Iterator[LiveServer]:
+    """A server whose engine keeps one KV cache of n_ctx cells for all sequences (SMOLLM_KV_LAYOUT=shared)."""
+    settings = make_settings(model_path, kv_layout=KVLayout.SHARED, max_tokens=512)
+    engine = GGUFEngine(settings)
+    try:
+        with serve_in_thread(settings, engine=engine) as server:
+            yield server
+    finally:
+        engine.close()
+
+
+def test_in_the_shared_kv_layout_the_choices_share_the_window(shared_cache: LiveServer) -> None:
+    with openai.OpenAI(base_url=shared_cache.url + "/v1", api_key="-", max_retries=0, timeout=120) as sdk:
+        completion = sdk.chat.completions.create(model=MODEL, messages=COLOURS, n=2, **CHOICES)  # type: ignore[arg-type]
+        assert [choice.finish_reason for choice in completion.choices] == ["length", "length"]
+        assert completion.usage is not None and completion.usage.completion_tokens == 20
+        # 1024 cells: the prompt once and four answers of 300 tokens do not fit (each would, with a window each).
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.chat.completions.create(model=MODEL, messages=COLOURS, n=4, max_tokens=300)
+    assert refused.value.code == "context_length_exceeded"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import openai
 import pytest
 
-from tests.servers import API, LiveServer
+from tests.servers import API, LiveServer, parse_sse
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 QUESTION = [{"role": "user", "content": "List three fruits."}]
@@ -92,6 +93,7 @@ def test_native_api_takes_the_same_sampling_fields(live: LiveServer) -> None:
         ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ("/v1/chat/completions", {"n": 5}, "n"),
         ("/v1/completions", {"n": 5}, "n"),
+        ("/v1/chat/completions", {"n": 2, "tools": [{"type": "function", "function": {"name": "f"}}]}, "n"),
         ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
         ("/v1/chat/completions", {"frobnicate": True}, "frobnicate"),
         ("/v1/chat/completions", {"logit_bias": {"x": 1}}, "logit_bias.x"),
@@ -155,15 +157,6 @@ def test_chat_logprobs_in_openai_shape_whole_and_streamed(client: openai.OpenAI)
         assert entry.top_logprobs[0].token == entry.token
         assert abs(entry.top_logprobs[0].logprob - entry.logprob) < 1e-4
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
-    chunks = list(
-        client.chat.completions.create(
-            model=MODEL, messages=QUESTION, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3, stream=True
-        )
-    )
-    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content or []]
-    assert [e.token for e in streamed] == [e.token for e in entries]
-    # All of them ride on the last chunk, the one with finish_reason.
-    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].choices[0].logprobs is not None
     plain = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, temperature=0)
     assert plain.choices[0].logprobs is None
 
@@ -185,3 +178,65 @@ def test_native_logprobs(live: LiveServer) -> None:
     assert "".join(entry["token"] for entry in answer["logprobs"]) == answer["response"]
     assert all(len(entry["top_logprobs"]) == 2 for entry in answer["logprobs"])
     assert live.post(f"{API}/chat", json={**body, "logprobs": None}).json()["logprobs"] is None
+
+
+def test_streamed_chat_logprobs_ride_with_the_text_of_their_tokens(client: openai.OpenAI) -> None:
+    asked = {"model": MODEL, "max_tokens": 40, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    whole = client.chat.completions.create(messages=QUESTION, **asked)  # type: ignore[call-overload]
+    chunks = list(client.chat.completions.create(messages=QUESTION, stream=True, **asked))  # type: ignore[call-overload]
+    carrying = 0
+    text, entries = "", []
+    for chunk in chunks:
+        for choice in chunk.choices:
+            content = choice.delta.content or ""
+            tokens = choice.logprobs.content if choice.logprobs and choice.logprobs.content else []
+            if content:
+                # Each chunk carries exactly the log probabilities of the tokens whose text it carries.
+                assert b"".join(bytes(entry.bytes or []) for entry in tokens) == content.encode()
+                carrying += 1
+            text += content
+            entries += tokens
+    assert carrying > 10, "the stream carried its log probabilities chunk by chunk, not all at the end"
+    assert text == whole.choices[0].message.content
+    assert b"".join(bytes(entry.bytes or []) for entry in entries) == text.encode()
+    assert whole.choices[0].logprobs is not None and whole.choices[0].logprobs.content is not None
+    assert [entry.token for entry in entries] == [entry.token for entry in whole.choices[0].logprobs.content]
+
+
+def test_streamed_completion_logprobs_ride_with_the_text_of_their_tokens(client: openai.OpenAI) -> None:
+    asked = {"model": MODEL, "prompt": "One, two,", "max_tokens": 16, "temperature": 0, "logprobs": 1}
+    whole = client.completions.create(**asked)  # type: ignore[call-overload]
+    text, offsets = "", []
+    for chunk in client.completions.create(stream=True, **asked):  # type: ignore[call-overload]
+        for choice in chunk.choices:
+            if choice.text:
+                assert choice.logprobs is not None and choice.logprobs.tokens is not None
+                assert "".join(choice.logprobs.tokens) == choice.text
+                offsets += choice.logprobs.text_offset or []
+            text += choice.text
+    assert text == whole.choices[0].text
+    assert whole.choices[0].logprobs is not None and offsets == whole.choices[0].logprobs.text_offset
+
+
+def test_a_token_cut_by_a_stop_string_comes_with_the_last_chunk(client: openai.OpenAI) -> None:
+    plain = _greedy(client, max_tokens=16)
+    stop = plain.split()[2]
+    asked = {"model": MODEL, "messages": QUESTION, "max_tokens": 16, "temperature": 0, "logprobs": True}
+    whole = client.chat.completions.create(stop=stop, **asked)  # type: ignore[call-overload]
+    chunks = list(client.chat.completions.create(stop=stop, stream=True, **asked))  # type: ignore[call-overload]
+    streamed = [e.token for c in chunks for ch in c.choices if ch.logprobs for e in ch.logprobs.content or []]
+    assert whole.choices[0].logprobs is not None and whole.choices[0].logprobs.content is not None
+    assert streamed == [entry.token for entry in whole.choices[0].logprobs.content]
+    last = chunks[-1].choices[0]
+    assert last.finish_reason == "stop" and last.logprobs is not None
+    # The tokens that made the stop string never had their text sent: they ride on the last chunk.
+    assert stop in "".join(entry.token for entry in last.logprobs.content or [])
+
+
+def test_native_stream_carries_logprobs_per_token_event(live: LiveServer) -> None:
+    body = {"messages": QUESTION, "max_tokens": 12, "temperature": 0, "logprobs": 1, "stream": True}
+    events = parse_sse(live.post(f"{API}/chat", json=body).text)
+    tokens = [json.loads(data) for name, data in events if name == "token"]
+    assert tokens and all("".join(e["token"] for e in token["logprobs"]) == token["text"] for token in tokens)
+    done = json.loads(events[-1][1])
+    assert [e["token"] for token in tokens for e in token["logprobs"]] == [e["token"] for e in done["logprobs"]]

@@ -276,3 +276,39 @@ def test_an_invalid_grammar_is_a_400_naming_it(live: LiveServer, grammar: str) -
     reply = live.post(f"{API}/generate", json={"prompt": "x", "grammar": grammar})
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["field"] == "grammar"
+
+
+def test_each_of_n_choices_is_constrained_to_the_schema(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(
+        model=MODEL,
+        messages=PLAN_PROMPT,  # type: ignore[arg-type]
+        temperature=0.8,
+        seed=3,
+        max_tokens=200,
+        n=3,
+        response_format=_schema_format(PLAN_SCHEMA),  # type: ignore[arg-type]
+    )
+    assert [choice.index for choice in completion.choices] == [0, 1, 2]
+    answers = [(choice.message.content or "", choice.finish_reason) for choice in completion.choices]
+    assert len({text for text, _ in answers}) > 1, "each choice samples on its own"
+    _check_all(answers, PLAN_SCHEMA)
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=PLAN_PROMPT,  # type: ignore[arg-type]
+            temperature=0.8,
+            seed=3,
+            max_tokens=200,
+            n=2,
+            response_format=_schema_format(PLAN_SCHEMA),  # type: ignore[arg-type]
+            stream=True,
+        )
+    )
+    texts = {
+        index: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == index)
+        for index in (0, 1)
+    }
+    reasons = {
+        c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    }
+    _check_all([(texts[index], reasons[index]) for index in (0, 1)], PLAN_SCHEMA)
