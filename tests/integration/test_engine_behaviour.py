@@ -332,7 +332,7 @@ def test_a_whole_answer_wakes_the_event_loop_a_few_times_and_a_streamed_one_per_
         async for item in service.open_stream(prepared, live_text=live_text):
             if isinstance(item, Outcome):
                 return chunks, item, inbox_of(asyncio.get_running_loop()).wakeups
-            chunks.append(item)
+            chunks.append(item.text)
         raise AssertionError("the stream ended without an outcome")
 
     whole_chunks, whole, whole_wakeups = asyncio.run(answer(live_text=False))

@@ -8,7 +8,9 @@ import queue
 import threading
 import time
 
-from innova_smollm.core.service import Chunk, ModelService, Outcome, Prepared, Source
+import pytest
+
+from innova_smollm.core.service import Chunk, ModelService, Outcome, Prepared, RequestOptions, Source
 from innova_smollm.core.sinks import (
     AsyncSink,
     BlockingSink,
@@ -19,7 +21,8 @@ from innova_smollm.core.sinks import (
     Text,
     inbox_of,
 )
-from innova_smollm.core.types import FinishReason, GenerationJob, TokenLogprob, TokenSink
+from innova_smollm.core.types import ChatMessage, FinishReason, GenerationJob, TokenLogprob, TokenSink
+from innova_smollm.errors import InvalidRequestError
 from innova_smollm.settings import Settings
 
 
@@ -242,3 +245,14 @@ def test_held_text_is_held_by_choice() -> None:
     text, finished = drained(sink)
     assert isinstance(text, Text) and (text.text, text.choice) == ("ab", 0)
     assert finished == Finished(FinishReason.LENGTH, 2, None, 0)
+
+
+def test_the_echo_provider_answers_each_choice_with_the_echo() -> None:
+    service = ModelService(Settings.from_env({"PROVIDER": "echo"}))
+    prepared = service.prepare_chat([ChatMessage(role="user", content="hi there")], RequestOptions(n=2))
+    outcome = service.run_blocking(prepared)
+    assert [(choice.index, choice.text) for choice in outcome.choices] == [(0, "hi there"), (1, "hi there")]
+    assert outcome.completion_tokens == 4 and service.in_flight == 0
+    with pytest.raises(InvalidRequestError) as refused:
+        service.prepare_chat([ChatMessage(role="user", content="hi")], RequestOptions(n=5))
+    assert refused.value.field == "n" and "SMOLLM_PARALLEL=4" in refused.value.message

@@ -356,7 +356,9 @@ class Info(msgspec.Struct, kw_only=True):
     ]
     max_queue: Annotated[int, Meta(description="SMOLLM_MAX_QUEUE: requests allowed to wait.")]
     max_tokens: Annotated[int, Meta(description="SMOLLM_MAX_TOKENS: server cap on max_tokens.")]
-    in_flight: Annotated[int, Meta(description="Requests running or waiting right now.")]
+    in_flight: Annotated[
+        int, Meta(description="Places taken by requests running or waiting (a request with `n` choices takes n).")
+    ]
     deployment: Annotated[
         dict[str, Any] | None,
         Meta(description="The deployed models (current, previous: name, sha256, when) from SMOLLM_MODEL_MANIFEST."),
