@@ -45,9 +45,9 @@ def cold() -> Iterator[GGUFEngine]:
 
 
 class LogprobSink(RecordingSink):
-    def finished(self, reason: object, completion_tokens: int, logprobs: object = None) -> None:
+    def finished(self, reason: object, completion_tokens: int, logprobs: object = None, choice: int = 0) -> None:
         self.logprobs = logprobs
-        super().finished(reason, completion_tokens, logprobs)  # type: ignore[arg-type]
+        super().finished(reason, completion_tokens, logprobs, choice)  # type: ignore[arg-type]
 
     def first_token_top(self) -> dict[bytes, float]:
         assert isinstance(self.logprobs, list) and self.logprobs, self.logprobs
