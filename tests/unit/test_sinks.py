@@ -231,6 +231,8 @@ def test_a_stream_of_several_choices_sends_one_chunk_per_choice_with_its_tokens_
     assert [(choice.index, choice.text) for choice in outcome.choices] == [(0, "A0B0C0"), (1, "A1B1C1"), (2, "A2B2C2")]
     # The prompt once, the answers' tokens all.
     assert (outcome.prompt_tokens, outcome.completion_tokens, outcome.text) == (2, 9, "A0B0C0")
+    # Speeds are a sequence's: the three choices decoded side by side, three tokens each.
+    assert outcome.decoded_tokens == 3
     assert service.in_flight == 0
 
 

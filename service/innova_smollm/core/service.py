@@ -143,11 +143,17 @@ class Outcome:
     choices: tuple[Choice, ...] = ()
 
     @property
+    def decoded_tokens(self) -> int:
+        """Answer tokens one sequence decoded: the longest choice's (the choices decode side by side)."""
+        return max((choice.completion_tokens for choice in self.choices), default=self.completion_tokens)
+
+    @property
     def tokens_per_second(self) -> float | None:
-        if self.first_token_s is None or self.completion_tokens < 2:
+        """One sequence's decode speed after the first token (with ``n`` choices, each choice's)."""
+        if self.first_token_s is None or self.decoded_tokens < 2:
             return None
         decode_s = self.total_s - self.first_token_s
-        return (self.completion_tokens - 1) / decode_s if decode_s > 0 else None
+        return (self.decoded_tokens - 1) / decode_s if decode_s > 0 else None
 
 
 class Observer(Protocol):

@@ -134,9 +134,10 @@ class Metrics:
         self.total.observe(outcome.total_s)
         if outcome.first_token_s is not None:
             self.first_token.observe(outcome.first_token_s)
-            if outcome.completion_tokens >= 2:
+            if outcome.decoded_tokens >= 2:
+                # Per sequence: the choices of an answer with n > 1 decode side by side, a token each per step.
                 decode_s = outcome.total_s - outcome.first_token_s
-                self.per_token.observe(max(0.0, decode_s) / (outcome.completion_tokens - 1))
+                self.per_token.observe(max(0.0, decode_s) / (outcome.decoded_tokens - 1))
 
     def on_cancelled(self) -> None:
         self.cancellations.inc()

@@ -80,7 +80,8 @@ class NativeController(Controller):
         "/chat",
         summary="Chat completion with the local model",
         description="Answers a conversation with the model's chat template. `stream: true` answers as SSE: "
-        '`token` events (`{"text"}`), then a `done` event with usage, finish_reason and timings.',
+        '`token` events (`{"text", "index"}`, `index` naming the choice, with `logprobs` when asked), then a `done` '
+        "event with usage, finish_reason and timings (and `choices` with `n` > 1).",
         status_code=HTTP_200_OK,
         responses=ERROR_RESPONSES,
     )
@@ -161,7 +162,7 @@ class ChatlayaController(Controller):
         "/message",
         summary="Streaming chat for the UI (always SSE)",
         description="Same body as /innova/api/smollm/chat; always answers as Server-Sent Events: `token` events "
-        '(`{"text"}`), then `done` with usage and finish_reason, or `error`.',
+        '(`{"text", "index"}`), then `done` with usage and finish_reason, or `error`.',
         status_code=HTTP_200_OK,
         responses=ERROR_RESPONSES,
     )
