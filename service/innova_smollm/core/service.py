@@ -602,7 +602,7 @@ class ModelService:
                             break
                         collector.on_text(more.text, more.produced_at, more.choice)
                         texts.append(Chunk(more.text, more.choice, more.logprobs))
-                    for chunk in _joined_by_choice(texts):
+                    for chunk in joined_by_choice(texts):
                         yield chunk
                 elif isinstance(result, Outcome):
                     if result.source is Source.ECHO_FALLBACK:
@@ -706,7 +706,7 @@ class ModelService:
         return outcome
 
 
-def _joined_by_choice(chunks: Sequence[Chunk]) -> list[Chunk]:
+def joined_by_choice(chunks: Sequence[Chunk]) -> list[Chunk]:
     """The chunks of each choice joined into one, in the order the choices first came."""
     by_choice: dict[int, list[Chunk]] = {}
     for chunk in chunks:

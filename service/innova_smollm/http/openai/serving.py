@@ -12,7 +12,15 @@ from collections.abc import Sequence
 import msgspec
 
 from innova_smollm.core.schema import OutputConstraint
-from innova_smollm.core.service import Choice, Chunk, ModelService, Outcome, Prepared, RequestOptions
+from innova_smollm.core.service import (
+    Choice,
+    Chunk,
+    ModelService,
+    Outcome,
+    Prepared,
+    RequestOptions,
+    joined_by_choice,
+)
 from innova_smollm.core.types import ChatMessage, FinishReason, TokenLogprob
 from innova_smollm.errors import InvalidRequestError
 from innova_smollm.http.constraints import constraint_of, logit_bias_of
@@ -333,7 +341,7 @@ class ChatAnswer(Answer):
             held = "".join(part.text for part in self._held)
             if may_be_a_call(held):
                 return None  # sent as a call or as text once the answer is complete
-            chunk = _joined(self._held)
+            chunk = joined_by_choice(self._held)[0]
             self._held = None
         logprobs = chat_logprobs_of(self._chunk_logprobs(chunk))
         return self._chunk([ChunkChoice(index=chunk.choice, delta=Delta(content=chunk.text), logprobs=logprobs)])
@@ -351,7 +359,7 @@ class ChatAnswer(Answer):
                 reason: OpenAIFinishReason = "tool_calls"
             else:
                 if self._held:
-                    held = _joined(self._held)
+                    held = joined_by_choice(self._held)[0]
                     logprobs = chat_logprobs_of(self._chunk_logprobs(held))
                     delta = Delta(content=held.text)
                     chunks.append(self._chunk([ChunkChoice(index=choice.index, delta=delta, logprobs=logprobs)]))
@@ -371,13 +379,6 @@ class ChatAnswer(Answer):
 
     def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
-
-
-def _joined(chunks: Sequence[Chunk]) -> Chunk:
-    logprobs = None
-    if any(chunk.logprobs is not None for chunk in chunks):
-        logprobs = tuple(entry for chunk in chunks for entry in chunk.logprobs or ())
-    return Chunk("".join(chunk.text for chunk in chunks), chunks[0].choice if chunks else 0, logprobs)
 
 
 class CompletionAnswer(Answer):
