@@ -38,17 +38,10 @@ from innova_smollm.core.types import (
     TokenSink,
 )
 from innova_smollm.engine.detokenize import TextAssembler
-from innova_smollm.engine.grammar import json_schema_gbnf
+from innova_smollm.engine.grammar import MAX_FORCED_PER_STEP, Constraints
 from innova_smollm.engine.kv_cache import MIN_SAVED_STATE_GAIN, choose_sequence, resolve_kv_layout
 from innova_smollm.engine.model import GGUFModel
-from innova_smollm.engine.sampling import (
-    Candidates,
-    LogitRows,
-    grammar_error,
-    new_grammar,
-    new_sampler,
-    shortlist_size,
-)
+from innova_smollm.engine.sampling import Candidates, LogitRows, grammar_error, new_sampler
 from innova_smollm.engine.saved_states import SavedState, SavedStates
 from innova_smollm.engine.threads import ThreadCounts, ThreadGovernor, batch_threads, new_thread_governor
 from innova_smollm.errors import (
@@ -81,30 +74,32 @@ class _Running:
         "assembler",
         "batch_index",
         "fed",
-        "grammar",
         "job",
         "last_token",
         "logprobs",
+        "matcher",
+        "pending",
         "position",
         "prefilled",
         "produced",
         "reserved_cells",
         "sampler",
         "seq_id",
-        "shortlist",
         "sink",
     )
 
     def __init__(
-        self, job: GenerationJob, sink: TokenSink, seq_id: int, sampler: Any | None, grammar: Any | None = None
+        self, job: GenerationJob, sink: TokenSink, seq_id: int, sampler: Any | None, matcher: Any | None = None
     ) -> None:
         self.job = job
         self.sink = sink
         self.seq_id = seq_id
         self.sampler = sampler
-        #: llama.cpp's grammar sampler when the answer is constrained (sampled lazily, see sampling.Candidates).
-        self.grammar = grammar
-        self.shortlist = shortlist_size(job.sampling) if grammar is not None else 0
+        #: llguidance's matcher when the answer is constrained (see sampling.Candidates and _deliver_constrained).
+        self.matcher = matcher
+        #: Answer tokens already delivered that go into the KV cache before ``last_token`` at the next step: the
+        #: sampled token and the forced ones before the last (jump-forward, see _deliver_constrained).
+        self.pending: list[int] = []
         #: Each answer token's log probability, when the job asked for them.
         self.logprobs: list[TokenLogprob] | None = [] if job.logprobs is not None else None
         self.assembler = TextAssembler(job.stop)
@@ -172,6 +167,9 @@ class GGUFEngine:
         self._n_vocab = int(self._model.llama.n_vocab())
         self._greedy = LogitRows(self._ctx, self._n_vocab)
         self._candidates = Candidates(self._ctx, self._n_vocab, self._greedy)
+        self._constraints = Constraints(self._vocab)
+        #: Forced tokens a sequence may append in one step, so that every sequence's share fits in one batch.
+        self._max_forced = max(0, min(MAX_FORCED_PER_STEP, self._n_batch // self._parallel - 1))
 
         self._inbox: queue.SimpleQueue[tuple[GenerationJob, TokenSink] | None] = queue.SimpleQueue()
         self._waiting: deque[tuple[GenerationJob, TokenSink]] = deque()
@@ -237,8 +235,11 @@ class GGUFEngine:
         # Parsing reads the vocabulary only, which no thread writes: safe beside the engine thread's decoding.
         return grammar_error(self._vocab, grammar)
 
+    def gbnf_grammar(self, grammar: str) -> str:
+        return self._constraints.gbnf(grammar)
+
     def json_schema_grammar(self, schema: Mapping[str, Any] | None) -> str:
-        return json_schema_gbnf(schema)
+        return self._constraints.json_schema(schema)
 
     # --- jobs -----------------------------------------------------------------------------------------------
 
@@ -332,14 +333,14 @@ class GGUFEngine:
             reused = self._reuse_prefix(seq_id, cached, prompt, reusable=reusable)
             # The sequence's cached cells become part of this job's reservation.
             self._free_cells += len(cached) - needed
-            grammar = new_grammar(self._vocab, job.grammar) if job.grammar is not None else None
-            running = _Running(job, sink, seq_id, new_sampler(job.sampling, self._n_vocab), grammar)
+            matcher = self._constraints.matcher(job.grammar) if job.grammar is not None else None
+            running = _Running(job, sink, seq_id, new_sampler(job.sampling, self._n_vocab), matcher)
             running.prefilled = running.position = reused
             self.prompt_tokens_reused += reused
             self.prompt_tokens_prefilled += len(prompt) - reused
             self._running[seq_id] = running
-            if job.grammar is not None and grammar is None:  # checked when prepared: llama.cpp changed its mind
-                self._abort(running, GenerationError("llama.cpp could not parse the request's grammar"))
+            if matcher is not None and matcher.is_error():  # checked when prepared: cannot happen, but say so
+                self._abort(running, GenerationError(f"the request's grammar failed: {matcher.get_error()}"))
                 continue
             try:
                 sink.started()
@@ -443,6 +444,8 @@ class GGUFEngine:
             if not running.generating:
                 prefilling.append(running)
                 continue
+            if running.pending:
+                n_tokens = self._put_pending(running, n_tokens)
             tokens[n_tokens] = running.last_token
             running.fed.append(running.last_token)
             positions[n_tokens] = running.position
@@ -500,8 +503,8 @@ class GGUFEngine:
         sampled = [
             (
                 running,
-                self._sample_constrained(running)
-                if running.grammar is not None
+                self._candidates.sample(running.batch_index, running.sampler, running.matcher)
+                if running.matcher is not None
                 else self._greedy.highest(running.batch_index)
                 if running.sampler is None
                 else llama_cpp.llama_sampler_sample(running.sampler, self._ctx, running.batch_index),
@@ -511,18 +514,62 @@ class GGUFEngine:
         ]
         for running, token in sampled:
             try:
-                self._deliver(running, token)
+                if running.matcher is None:
+                    self._deliver(running, token)
+                else:
+                    self._deliver_constrained(running, running.matcher, token)
             except Exception as exc:  # a broken sink ends its own job only
                 self._abort(running, exc)
 
-    def _sample_constrained(self, running: _Running) -> int:
-        return self._candidates.sample(running.batch_index, running.sampler, running.grammar, running.shortlist)
+    def _put_pending(self, running: _Running, n_tokens: int) -> int:
+        """Put the sequence's pending answer tokens in the batch, without logits; returns the batch's new size."""
+        tokens, positions, logits, seq_ids = self._batch_token, self._batch_pos, self._batch_logits, self._batch_seq_id
+        for token in running.pending:
+            tokens[n_tokens] = token
+            positions[n_tokens] = running.position
+            seq_ids[n_tokens][0] = running.seq_id
+            logits[n_tokens] = 0
+            running.position += 1
+            n_tokens += 1
+        running.fed.extend(running.pending)
+        running.pending = []
+        return n_tokens
 
-    def _deliver(self, running: _Running, token: int) -> None:
+    def _deliver_constrained(self, running: _Running, matcher: Any, token: int) -> None:
+        """Deliver a sampled token of a constrained answer, then the tokens its grammar forces next (jump-forward).
+
+        Forced tokens (llguidance's fast-forward tokens: the rest of a key, punctuation, an enum value's tail) are
+        delivered at once and go into the KV cache together at the next step, before the last of them, whose
+        logits give the next sampled token: n forced tokens cost one batched decode instead of n. llguidance
+        returns only tokens the model's tokenizer would produce for those bytes whatever follows, so the cache
+        holds the tokenization the model knows. An answer whose grammar allows nothing more ends here, without
+        the decode step that would only sample its end token. Forced tokens have no logits of their own, so a job
+        that asked for log probabilities samples every token.
+        """
+        if token < 0 or not matcher.consume_token(token):
+            raise GenerationError(f"the answer's grammar allows no next token ({matcher.get_error() or 'none fits'})")
+        if not self._deliver(running, token):
+            return
+        forced: list[int] = []
+        if running.logprobs is None and self._max_forced:
+            forced = matcher.compute_ff_tokens()[: self._max_forced]
+            if forced and not matcher.consume_tokens(forced):
+                raise GenerationError(f"the answer's grammar refused its own forced tokens: {matcher.get_error()}")
+        for forced_token in forced:
+            if not self._deliver(running, forced_token):
+                return
+        if matcher.is_stopped():
+            self._finish(running, FinishReason.STOP)
+            return
+        if forced:
+            running.pending = [token, *forced[:-1]]
+
+    def _deliver(self, running: _Running, token: int) -> bool:
+        """Hand a token's text to the sink; True while the job goes on (False: it finished here)."""
         piece, ends_generation = self.pieces(token)
         if ends_generation:
             self._finish(running, FinishReason.STOP)
-            return
+            return False
         running.produced += 1
         if running.logprobs is not None:
             running.logprobs.append(self._logprob(running, token))
@@ -531,10 +578,12 @@ class GGUFEngine:
             running.sink.text(fed.text)
         if fed.stopped:
             self._finish(running, FinishReason.STOP)
-        elif running.produced >= running.job.max_tokens:
+            return False
+        if running.produced >= running.job.max_tokens:
             self._finish(running, FinishReason.LENGTH)
-        else:
-            running.last_token = token
+            return False
+        running.last_token = token
+        return True
 
     def _logprob(self, running: _Running, token: int) -> TokenLogprob:
         """The token's log probability under the model's raw distribution (this step's logits, before temperature,
@@ -576,8 +625,6 @@ class GGUFEngine:
             return
         if running.sampler is not None:
             llama_cpp.llama_sampler_free(running.sampler)
-        if running.grammar is not None:
-            llama_cpp.llama_sampler_free(running.grammar)
         seq_id = running.seq_id
         held: list[int] = []
         if keep_cache and self._prompt_cache:
