@@ -555,6 +555,9 @@ class GGUFEngine:
             forced = matcher.compute_ff_tokens()[: self._max_forced]
             if forced and not matcher.consume_tokens(forced):
                 raise GenerationError(f"the answer's grammar refused its own forced tokens: {matcher.get_error()}")
+            if running.sampler is not None:
+                for forced_token in forced:  # the chain's penalties count every answer token
+                    llama_cpp.llama_sampler_accept(running.sampler, forced_token)
         for forced_token in forced:
             if not self._deliver(running, forced_token):
                 return
