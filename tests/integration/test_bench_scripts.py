@@ -140,10 +140,15 @@ def test_step_profile_refuses_a_malformed_variable(model_path: Path) -> None:
     assert "'KV': expected NAME=VALUE" in result.stderr
 
 
-def test_structured_bench_prints_constrained_against_free(model_path: Path) -> None:
+def test_structured_bench_prints_constrained_against_free(model_path: Path, tmp_path: Path) -> None:
     argv = [sys.executable, "scripts/bench_structured.py", "--model", str(model_path), "--rounds", "1"]
-    argv += ["--clients", "1", "--max-tokens", "12"]
+    argv += ["--clients", "1", "--temperatures", "0.8", "--max-tokens", "12", "--peers", "b", "--out", str(tmp_path)]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=240, check=False, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| 1 |")]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| innova-smollm")]
     assert len(rows) == 1, done.stdout
+    assert rows[0].split(" | ")[1:3] == ["0.8", "1"], rows[0]
+    # Every answer is kept: one constrained and one free (12 tokens cut the JSON: none is valid, all are counted).
+    assert rows[0].rstrip(" |").endswith("0/1"), rows[0]
+    (raw,) = tmp_path.glob("structured-*.json")
+    assert sorted(answer["constrained"] for answer in json.loads(raw.read_text())) == [False, True]

@@ -18,7 +18,7 @@ from tests.servers import API, LiveServer, parse_sse
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 
 #: Small enough for SmolLM2-135M to finish in a few dozen tokens: an object, an enum, a bounded string, a number,
-#: a boolean, and a short array of nested objects.
+#: a boolean, and a short array of nested objects with a bounded integer.
 PLAN_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -31,7 +31,10 @@ PLAN_SCHEMA: dict[str, Any] = {
             "maxItems": 2,
             "items": {
                 "type": "object",
-                "properties": {"verb": {"enum": ["call", "email", "visit"]}, "days": {"type": "integer"}},
+                "properties": {
+                    "verb": {"enum": ["call", "email", "visit"]},
+                    "days": {"type": "integer", "minimum": 1, "maximum": 30},
+                },
                 "required": ["verb", "days"],
                 "additionalProperties": False,
             },
@@ -67,7 +70,7 @@ PLAN_PROMPT = [
 
 class Person(pydantic.BaseModel):
     name: str = pydantic.Field(max_length=10)
-    age: int
+    age: int = pydantic.Field(ge=0, le=120)
     colour: Literal["red", "green", "blue"]
     nickname: str | None = pydantic.Field(max_length=8)
 
@@ -189,6 +192,55 @@ def test_an_answer_cut_by_max_tokens_says_length(client: openai.OpenAI) -> None:
     assert (completion.choices[0].message.content or "").startswith("{")
 
 
+#: A value the grammar forces whole once its first token is chosen: its tokens are appended without sampling.
+FORCED = "the quarterly report mentions revenue, costs and the new office in town"
+
+
+def test_forced_tokens_are_delivered_counted_and_bounded_by_max_tokens(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"note": {"const": FORCED}}, "required": ["note"]}
+    whole = client.chat.completions.create(
+        model=MODEL, messages=PLAN_PROMPT, temperature=0.8, max_tokens=60, response_format=_schema_format(schema)
+    )
+    assert whole.choices[0].finish_reason == "stop"
+    assert whole.choices[0].message.content == json.dumps({"note": FORCED})
+    assert whole.usage is not None
+    tokens = whole.usage.completion_tokens
+    assert tokens > 10  # every forced token counts as an answer token
+
+    streamed = client.chat.completions.create(
+        model=MODEL,
+        messages=PLAN_PROMPT,
+        temperature=0,
+        max_tokens=60,
+        response_format=_schema_format(schema),  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(streamed)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == json.dumps({"note": FORCED})
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == tokens
+
+    cut = client.chat.completions.create(
+        model=MODEL, messages=PLAN_PROMPT, temperature=0, max_tokens=7, response_format=_schema_format(schema)
+    )
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.usage is not None and cut.usage.completion_tokens == 7
+    assert json.dumps({"note": FORCED}).startswith(cut.choices[0].message.content or "-")
+
+    # Forced tokens have no logits of their own: with logprobs every token is sampled, and each has its figure.
+    scored = client.chat.completions.create(
+        model=MODEL,
+        messages=PLAN_PROMPT,
+        temperature=0,
+        max_tokens=60,
+        response_format=_schema_format(schema),
+        logprobs=True,
+    )
+    assert scored.choices[0].message.content == json.dumps({"note": FORCED})
+    assert scored.choices[0].logprobs is not None and scored.choices[0].logprobs.content is not None
+    assert scored.usage is not None and len(scored.choices[0].logprobs.content) == scored.usage.completion_tokens
+
+
 def test_text_completions_take_response_format(client: openai.OpenAI) -> None:
     schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]}
     completion = client.completions.create(
@@ -255,7 +307,10 @@ def test_native_chat_and_generate_take_response_format_and_grammar(live: LiveSer
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"response_format": _schema_format({"type": "integer", "minimum": 0})}, "response_format.json_schema.schema"),
+        (
+            {"response_format": _schema_format({"type": "string", "pattern": "^a"})},
+            "response_format.json_schema.schema",
+        ),
         ({"response_format": _schema_format({"$ref": "https://x.test/s.json"})}, "response_format.json_schema.schema"),
         (
             {"response_format": _schema_format({"type": "string", "format": "email"})},

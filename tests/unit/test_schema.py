@@ -50,6 +50,14 @@ def test_a_pydantic_style_schema_passes_without_its_annotations() -> None:
     assert cleaned["properties"]["steps"]["items"] == {"$ref": "#/$defs/Step"}
 
 
+def test_an_object_with_properties_gets_no_extra_keys_unless_it_asks_for_them() -> None:
+    named = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert check_schema(named, field=FIELD)["additionalProperties"] is False
+    assert "additionalProperties" not in check_schema({"type": "object"}, field=FIELD)
+    open_ = {**named, "additionalProperties": True}
+    assert check_schema(open_, field=FIELD)["additionalProperties"] is True
+
+
 @pytest.mark.parametrize(
     "schema",
     [
@@ -63,6 +71,9 @@ def test_a_pydantic_style_schema_passes_without_its_annotations() -> None:
         {"type": "string", "minLength": 1, "maxLength": 5},
         {"type": "string", "format": "uuid"},
         {"type": "array", "items": {"type": "number"}, "minItems": 1, "maxItems": 2, "uniqueItems": False},
+        {"type": "integer", "minimum": 0, "exclusiveMaximum": 10, "multipleOf": 2},
+        {"type": "number", "minimum": -1.5, "maximum": 2.5},
+        {"type": "object", "properties": {"a": {"type": "integer", "exclusiveMaximum": 3}}},
     ],
 )
 def test_enforceable_schemas_pass(schema: dict[str, Any]) -> None:
@@ -77,9 +88,12 @@ def test_enforceable_schemas_pass(schema: dict[str, Any]) -> None:
         ({"if": {"type": "string"}, "then": {"maxLength": 2}}, "`if`"),
         ({"not": {"type": "null"}}, "`not`"),
         ({"type": "string", "format": "email"}, "email"),
+        ({"type": "string", "format": "uuid4"}, "uuid4"),
         ({"type": "array", "items": {}, "contains": {"const": 1}, "minContains": 2}, "contains"),
-        ({"type": "integer", "minimum": 0}, "minimum"),
-        ({"type": "number", "multipleOf": 2}, "multipleOf"),
+        ({"type": "string", "minimum": 0}, "minimum"),
+        ({"minimum": 0}, "minimum"),
+        ({"type": "number", "multipleOf": 0.1}, "multipleOf"),
+        ({"type": "integer", "maximum": "3"}, "maximum"),
         ({"type": "string", "pattern": "^a+$"}, "pattern"),
         ({"oneOf": [{"type": "string"}, {"type": "integer"}]}, "oneOf"),
         ({"allOf": [{"type": "string"}]}, "allOf"),
@@ -94,7 +108,7 @@ def test_enforceable_schemas_pass(schema: dict[str, Any]) -> None:
         ({"anyOf": [{"type": "string"}], "type": "string"}, "`type`"),
         ({"$ref": "#/$defs/A", "maxLength": 2, "$defs": {"A": {"type": "string"}}}, "maxLength"),
         ({"type": "array", "minItems": 1}, "items"),
-        ({"type": "object", "properties": {"a": {"type": "integer", "exclusiveMaximum": 3}}}, "/properties/a"),
+        ({"type": "object", "properties": {"a": {"type": "boolean", "exclusiveMaximum": 3}}}, "/properties/a"),
         ({"x-custom": 1}, "x-custom"),
         ("not a schema", "JSON object"),
     ],
@@ -131,7 +145,7 @@ def test_response_format_types() -> None:
         ({"type": "yaml"}, None, "response_format.type"),
         ({"type": "json_schema"}, None, "response_format.json_schema"),
         ({"type": "json_object", "json_schema": {"schema": {}}}, None, "response_format.json_schema"),
-        ({"type": "json_schema", "json_schema": {"schema": {"type": "integer", "maximum": 3}}}, None, FIELD),
+        ({"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "^a"}}}, None, FIELD),
         ({"type": "json_object"}, 'root ::= "a"', "grammar"),
     ],
 )

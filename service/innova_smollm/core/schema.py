@@ -1,15 +1,16 @@
 """Output constraints: which JSON schemas the service can enforce token by token, and a 400 for the rest.
 
-The grammar that constrains an answer comes from llama.cpp's JSON-schema-to-GBNF converter (the copy that
-llama-cpp-python ships, called inside the engine package). That converter enforces some keywords, silently drops
-others (``minimum``, ``pattern`` next to a ``format``, ``oneOf``'s exclusivity, siblings of ``$ref``...) and crashes on
-a few. :func:`check_schema` lets through only what it enforces, so an answer that finishes with ``stop`` always
-validates against the schema the caller sent; anything else is an :class:`InvalidRequestError` naming the construct
-and where it is. Never a silent loosening: a constraint the grammar may make *tighter* than the schema (an object
-without ``additionalProperties`` gets no extra keys, ``{}`` becomes a JSON object) still validates.
+The grammar that constrains an answer comes from llguidance's JSON schema compiler (called inside the engine
+package). It refuses most keywords it does not implement, but silently ignores others (``nullable``,
+``patternProperties``, ``x-...`` extensions), and its support differs from the keywords' full meaning in places.
+:func:`check_schema` lets through only what it enforces, so an answer that finishes with ``stop`` always validates
+against the schema the caller sent; anything else is an :class:`InvalidRequestError` naming the construct and where
+it is. Never a silent loosening: a constraint the grammar may make *tighter* than the schema (JSON written in one
+layout, without free whitespace; an object with ``properties`` and no ``additionalProperties`` gets no extra keys)
+still validates.
 
 Annotations (``title``, ``description``, ``default``, ``examples``...) change nothing in what validates and are
-dropped from the schema handed to the converter. This module is pure: no llama_cpp.
+dropped from the schema handed to the compiler. This module is pure: no llama_cpp.
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ DEFINITIONS = ("$defs", "definitions")
 
 TYPES = frozenset({"string", "number", "integer", "boolean", "null", "object", "array"})
 
-#: ``format`` values the converter turns into a grammar; any other is refused (it would be ignored).
-STRING_FORMATS = frozenset({"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"})
+#: ``format`` values the constraint engine enforces; any other is refused (it would be ignored).
+STRING_FORMATS = frozenset({"date", "time", "date-time", "uuid"})
 
 #: What each kind of schema may hold besides annotations and ``type``.
 _OBJECT_KEYS = frozenset({"properties", "required", "additionalProperties"})
 _ARRAY_KEYS = frozenset({"items", "prefixItems", "minItems", "maxItems", "uniqueItems"})
 _STRING_KEYS = frozenset({"format", "minLength", "maxLength"})
+_NUMBER_KEYS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"})
 
 #: Why a well-known keyword is refused, for the message.
 _WHY = {
@@ -60,11 +62,11 @@ _WHY = {
     "pattern": "regular expressions are not enforced",
     "patternProperties": "property-name patterns are not enforced",
     "propertyNames": "property-name schemas are not enforced",
-    "minimum": "numeric bounds are not enforced",
-    "maximum": "numeric bounds are not enforced",
-    "exclusiveMinimum": "numeric bounds are not enforced",
-    "exclusiveMaximum": "numeric bounds are not enforced",
-    "multipleOf": "numeric multiples are not enforced",
+    "minimum": "numeric bounds apply to a schema of type number or integer",
+    "maximum": "numeric bounds apply to a schema of type number or integer",
+    "exclusiveMinimum": "numeric bounds apply to a schema of type number or integer",
+    "exclusiveMaximum": "numeric bounds apply to a schema of type number or integer",
+    "multipleOf": "multiples apply to a schema of type number or integer",
     "minProperties": "property counts are not enforced",
     "maxProperties": "property counts are not enforced",
     "contains": "contains is not enforced",
@@ -98,7 +100,7 @@ class OutputConstraint:
     kind: ConstraintKind
     #: The request field that asked for it, for error messages (``response_format``, ``grammar``...).
     field: str
-    #: JSON_SCHEMA: the schema as checked and stripped of annotations (what the converter gets).
+    #: JSON_SCHEMA: the schema as checked and stripped of annotations (what the compiler gets).
     schema: Mapping[str, Any] | None = None
     #: JSON_SCHEMA: the schema as the caller sent it (what the answer validates against).
     original_schema: Mapping[str, Any] | None = None
@@ -107,7 +109,7 @@ class OutputConstraint:
 
 
 def json_schema_constraint(schema: Any, *, field: str) -> OutputConstraint:
-    """Check a caller's schema and keep it for the converter (see :func:`check_schema`)."""
+    """Check a caller's schema and keep it for the compiler (see :func:`check_schema`)."""
     return OutputConstraint(
         kind=ConstraintKind.JSON_SCHEMA, field=field, schema=check_schema(schema, field=field), original_schema=schema
     )
@@ -155,7 +157,7 @@ class _Checker:
         if path != "#" and any(k in schema for k in DEFINITIONS):
             self.refuse(path, "`$defs` is supported at the root of the schema only")
         for keyword in keys:
-            if keyword in _WHY and keyword not in _OBJECT_KEYS | _ARRAY_KEYS | _STRING_KEYS:
+            if keyword in _WHY and keyword not in _OBJECT_KEYS | _ARRAY_KEYS | _STRING_KEYS | _NUMBER_KEYS:
                 self.refuse_keyword(path, keyword)
         type_ = keys.get("type")
         if type_ is not None and not (
@@ -178,7 +180,9 @@ class _Checker:
             return self._array(keys, path)
         if type_ == "string":
             return self._string(keys, path)
-        if type_ in ("number", "integer", "boolean", "null"):
+        if type_ in ("number", "integer"):
+            return self._number(keys, path, type_)
+        if type_ in ("boolean", "null"):
             self._only(keys, {"type"}, path, f"in a schema of type {type_}")
             return {"type": type_}
         if type_ is None:
@@ -235,7 +239,12 @@ class _Checker:
             out["properties"] = {name: self.visit(sub, f"{path}/properties/{name}") for name, sub in properties.items()}
         if required:
             out["required"] = list(required)
-        if "additionalProperties" in keys:
+        if "additionalProperties" not in keys and properties:
+            # Tighter than the schema, on purpose: a small model offered any extra key keeps inventing keys until
+            # max_tokens cuts the answer. An object with named properties gets those only (as llama.cpp's
+            # converter does); one without any stays open.
+            out["additionalProperties"] = False
+        elif "additionalProperties" in keys:
             extra = keys["additionalProperties"]
             if isinstance(extra, bool):
                 out["additionalProperties"] = extra
@@ -279,6 +288,27 @@ class _Checker:
         for bound in ("minItems", "maxItems"):
             if bound in keys:
                 out[bound] = keys[bound]
+        return out
+
+    def _number(self, keys: Mapping[str, Any], path: str, type_: str) -> dict[str, Any]:
+        self._only(keys, _NUMBER_KEYS | {"type"}, path, f"in a schema of type {type_}")
+        out: dict[str, Any] = {"type": type_}
+        for bound in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            value = keys.get(bound)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                self.refuse(path, f"`{bound}` must be a number")
+            out[bound] = value
+        if "multipleOf" in keys:
+            value = keys["multipleOf"]
+            # Only whole divisors: a fractional one (0.1) is checked by validators in binary floating point, where
+            # 0.3 is not a multiple of 0.1, so an answer the grammar allows could fail the caller's validation.
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                self.refuse(
+                    path, "`multipleOf` must be a positive whole number (fractional multiples are not enforced)"
+                )
+            out["multipleOf"] = value
         return out
 
     def _string(self, keys: Mapping[str, Any], path: str) -> dict[str, Any]:

@@ -453,21 +453,20 @@ class ModelService:
         return self._engine
 
     def _grammar(self, constraint: OutputConstraint | None) -> str | None:
-        """The checked GBNF of an output constraint (400 naming the field when llama.cpp cannot use it)."""
+        """The engine's checked grammar for an output constraint (400 naming the field when it cannot be used)."""
         if constraint is None:
             return None
         assert self._engine is not None
-        if constraint.kind is ConstraintKind.GRAMMAR:
-            grammar = constraint.grammar or ""
-        else:
-            try:
-                grammar = self._engine.json_schema_grammar(constraint.schema)
-            except InvalidRequestError as exc:
-                raise InvalidRequestError(f"{constraint.field}: {exc.message}", field=constraint.field) from None
-        error = self._engine.grammar_error(grammar)
-        if error is not None:
-            raise InvalidRequestError(f"{constraint.field}: {error}", field=constraint.field)
-        return grammar
+        try:
+            if constraint.kind is ConstraintKind.GRAMMAR:
+                gbnf = constraint.grammar or ""
+                error = self._engine.grammar_error(gbnf)
+                if error is not None:
+                    raise InvalidRequestError(error)
+                return self._engine.gbnf_grammar(gbnf)
+            return self._engine.json_schema_grammar(constraint.schema)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"{constraint.field}: {exc.message}", field=constraint.field) from None
 
     def _check_logit_bias(self, options: RequestOptions) -> None:
         if not options.logit_bias or self._engine is None:

@@ -128,7 +128,8 @@ class GenerationJob:
     stop: tuple[str, ...] = ()
     #: None: no log probabilities; k: each answer token's, with the k most likely alternatives (TokenLogprob).
     logprobs: int | None = None
-    #: A GBNF grammar (root rule ``root``) the answer must follow token by token, already checked; None: free text.
+    #: The engine's grammar (from Engine.json_schema_grammar or gbnf_grammar) the answer must follow token by token,
+    #: already checked; None: free text.
     grammar: str | None = None
     #: How many answers (choices) to the one prompt: the prompt is decoded once and its KV cells are shared by the
     #: choices, each sampling on its own (with ``seed + index`` when the sampling has a seed).
@@ -275,12 +276,18 @@ class Engine(Protocol):
         ...
 
     def grammar_error(self, grammar: str) -> str | None:
-        """None when llama.cpp's grammar sampler accepts this GBNF (root rule ``root``), else why not."""
+        """None when llama.cpp's GBNF parser accepts this grammar (root rule ``root``), else why not."""
+        ...
+
+    def gbnf_grammar(self, grammar: str) -> str:
+        """The engine's grammar (what GenerationJob.grammar holds) for a GBNF text that grammar_error accepted;
+        raises InvalidRequestError when the engine cannot enforce it."""
         ...
 
     def json_schema_grammar(self, schema: Mapping[str, Any] | None) -> str:
-        """GBNF for JSON that validates against ``schema`` (already checked by
-        :func:`innova_smollm.core.schema.check_schema`), or for any JSON object when ``schema`` is None."""
+        """The engine's grammar for JSON that validates against ``schema`` (already checked by
+        :func:`innova_smollm.core.schema.check_schema`), or for any JSON object when ``schema`` is None; raises
+        InvalidRequestError when the engine cannot enforce it."""
         ...
 
     def submit(self, job: GenerationJob, sink: TokenSink) -> None:

@@ -117,7 +117,10 @@ def new_sampler(sampling: SamplingParams, n_vocab: int) -> Any | None:
 
 
 def new_grammar(vocab: Any, grammar: str) -> Any | None:
-    """llama.cpp's grammar sampler for a GBNF text with root rule ``root``; None when llama.cpp cannot parse it."""
+    """llama.cpp's grammar sampler for a GBNF text with root rule ``root``; None when llama.cpp cannot parse it.
+
+    Used only to check a caller's GBNF with the parser whose syntax the API promises (llama.cpp's); answers are
+    constrained by llguidance (see :mod:`innova_smollm.engine.grammar`)."""
     sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
     return sampler or None
 
@@ -136,30 +139,18 @@ def grammar_error(vocab: Any, grammar: str) -> str | None:
     return None
 
 
-#: After a rejected token the grammar first goes over this many most likely tokens (4 x top_k when larger).
-SHORTLIST = 256
-SHORTLIST_MAX = 4096
-
-
-def shortlist_size(sampling: SamplingParams) -> int:
-    """How many grammar-valid tokens the chain needs to choose as it would from the whole vocabulary, or 0 when a
-    shortlist cannot be exact (biases and penalties move logits; top_k 0 keeps every token)."""
-    if sampling.logit_bias or sampling.penalised:
-        return 0
-    if sampling.greedy:
-        return 1
-    return sampling.top_k if 0 < sampling.top_k <= SHORTLIST_MAX // 4 else 0
-
-
 #: One llama_token_data as numpy sees it (int32 id, float logit, float p; 12 bytes, as in C).
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
 class Candidates:
-    """The engine's one candidate array for constrained sampling, filled from a row of logits in place.
+    """Constrained sampling: a row of logits, a grammar's token mask, and the sequence's chain.
 
-    llama_sampler_sample builds the same array in C for every token; a constrained sequence needs it in hand to
-    apply the grammar between the chain's steps, so it is built here, once per engine, and refilled per use.
+    The mask (one bit per token, computed by llguidance into this engine's one buffer) is checked lazily, as
+    llama.cpp's common_sampler checks its grammar: the chain picks from the whole row, and only when its pick is not
+    allowed are the disallowed tokens set to -inf and the chain asked again. The second draw is from the chain's
+    distribution renormalised over the allowed tokens, so both draws together pick each allowed token with that same
+    renormalised probability. The candidate array is built once per engine and refilled per use.
     """
 
     def __init__(self, ctx: Any, n_vocab: int, rows: LogitRows) -> None:
@@ -171,15 +162,9 @@ class Candidates:
         self._data_p = self._data.ctypes.data_as(llama_cpp.llama_token_data_p)
         self._array = llama_cpp.llama_token_data_array(data=self._data_p, size=n_vocab, selected=-1, sorted=False)
         self._array_p = ctypes.pointer(self._array)
-        self._one = np.zeros(1, dtype=TOKEN_DATA)
-        self._one_array = llama_cpp.llama_token_data_array(
-            data=self._one.ctypes.data_as(llama_cpp.llama_token_data_p), size=1, selected=-1, sorted=False
-        )
-        self._one_p = ctypes.pointer(self._one_array)
-        self._short = np.zeros(min(n_vocab, SHORTLIST_MAX), dtype=TOKEN_DATA)
-        self._short_p = self._short.ctypes.data_as(llama_cpp.llama_token_data_p)
-        self._short_array = llama_cpp.llama_token_data_array(data=self._short_p, size=0, selected=-1, sorted=False)
-        self._short_array_p = ctypes.pointer(self._short_array)
+        self._mask = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
+        self._mask_address = self._mask.ctypes.data
+        self._mask_bytes = self._mask.nbytes
 
     def _fill(self, row: np.ndarray[Any, np.dtype[np.float32]]) -> None:
         self._data["id"] = self._ids
@@ -191,77 +176,37 @@ class Candidates:
         self._array.selected = -1
         self._array.sorted = False
 
-    def _pick(self, chain: Any | None) -> int:
-        """Apply the chain to the filled array and answer its choice (the argmax without a chain)."""
-        if chain is None:
-            size = int(self._array.size)
-            # The grammar leaves the array whole (rejected tokens get -inf), so the view is the full data.
-            return int(self._data["id"][int(self._data["logit"][:size].argmax())])
+    def _pick(self, chain: Any) -> int:
         llama_cpp.llama_sampler_apply(chain, self._array_p)
         selected = int(self._array.selected)
         return int(self._array.data[selected].id)
 
-    def _shortlisted(
-        self, row: np.ndarray[Any, np.dtype[np.float32]], chain: Any | None, grammar: Any, need: int
-    ) -> int:
-        """The resampled token from the most likely tokens alone, or -1 when that could differ from the whole
-        vocabulary's answer.
+    def _allowed(self, token: int) -> bool:
+        return bool((int(self._mask[token >> 5]) >> (token & 31)) & 1)
 
-        The chain keeps at most ``need`` tokens (1 for greedy, top_k otherwise) and never raises a logit (callers
-        pass ``need`` 0 when biases or penalties are in it), so when at least ``need`` of the ``size`` highest logits
-        pass the grammar, the grammar over everything would leave the chain the very same tokens to choose from.
-        """
-        size = min(max(SHORTLIST, 4 * need), len(self._short))
-        if need < 1 or size >= self._n_vocab:
+    def _disallowed(self) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        bits = np.unpackbits(self._mask.view(np.uint8), bitorder="little")[: self._n_vocab]
+        return np.asarray(bits == 0)
+
+    def sample(self, batch_index: int, chain: Any | None, matcher: Any) -> int:
+        """The next token of a constrained sequence, accepted into its chain (the caller consumes it into the
+        matcher); -1 when the grammar allows no token at all (the matcher is in error)."""
+        matcher.unsafe_compute_mask_ptr(self._mask_address, self._mask_bytes)
+        if matcher.is_error():
             return -1
-        ids = np.argpartition(row, -size)[-size:]
-        short = self._short[:size]
-        short["id"] = ids
-        short["logit"] = row[ids]
-        short["p"] = 0.0
-        array = self._short_array
-        array.data = self._short_p  # type: ignore[assignment]
-        array.size = size
-        array.selected = -1
-        array.sorted = False
-        llama_cpp.llama_sampler_apply(grammar, self._short_array_p)
-        logits = short["logit"]
-        if int(np.isfinite(logits).sum()) < need:
-            return -1
-        if chain is None:
-            return int(short["id"][int(logits.argmax())])
-        llama_cpp.llama_sampler_apply(chain, self._short_array_p)
-        return int(array.data[int(array.selected)].id)
-
-    def sample(self, batch_index: int, chain: Any | None, grammar: Any, shortlist: int = 0) -> int:
-        """The next token of a constrained sequence, accepted into its grammar and chain.
-
-        llama.cpp's lazy check (common_sampler): sample without the grammar, test the chosen token against the
-        grammar alone, and only when it is rejected apply the grammar and sample again. The grammar then goes over
-        the ``shortlist``-bounded most likely tokens first when that gives the same answer (see _shortlisted), and
-        over the whole vocabulary otherwise (about 15 ms for 49k tokens on a busy 2-core host).
-        """
         row = self._rows.row(batch_index)
         if chain is None:
             token = int(row.argmax())
+            if not self._allowed(token):
+                token = int(np.where(self._disallowed(), np.float32(-np.inf), row).argmax())
         else:
             self._fill(row)
             token = self._pick(chain)
-        one = self._one
-        one["id"][0] = token
-        one["logit"][0] = row[token]
-        one["p"][0] = 0.0
-        self._one_array.size = 1
-        self._one_array.selected = -1
-        self._one_array.sorted = False
-        llama_cpp.llama_sampler_apply(grammar, self._one_p)
-        if not np.isfinite(one["logit"][0]):
-            token = self._shortlisted(row, chain, grammar, shortlist)
-            if token < 0:
+            if not self._allowed(token):
                 self._fill(row)
-                llama_cpp.llama_sampler_apply(grammar, self._array_p)
+                self._data["logit"][self._disallowed()] = -np.inf
                 token = self._pick(chain)
-        llama_cpp.llama_sampler_accept(grammar, token)
-        if chain is not None:
             llama_cpp.llama_sampler_accept(chain, token)
+        if not self._allowed(token):
+            return -1
         return token

@@ -46,17 +46,10 @@ from innova_smollm.core.types import (
     TokenSink,
 )
 from innova_smollm.engine.detokenize import LogprobQueue, TextAssembler
-from innova_smollm.engine.grammar import json_schema_gbnf
+from innova_smollm.engine.grammar import MAX_FORCED_PER_STEP, Constraints
 from innova_smollm.engine.kv_cache import MIN_SAVED_STATE_GAIN, choose_sequence, resolve_kv_layout
 from innova_smollm.engine.model import GGUFModel
-from innova_smollm.engine.sampling import (
-    Candidates,
-    LogitRows,
-    grammar_error,
-    new_grammar,
-    new_sampler,
-    shortlist_size,
-)
+from innova_smollm.engine.sampling import Candidates, LogitRows, grammar_error, new_sampler
 from innova_smollm.engine.saved_states import SavedState, SavedStates, common_prefix_length
 from innova_smollm.engine.threads import ThreadCounts, ThreadGovernor, batch_threads, new_thread_governor
 from innova_smollm.errors import (
@@ -105,11 +98,12 @@ class _Running:
         "batch_index",
         "choice",
         "fed",
-        "grammar",
         "group",
         "job",
         "last_token",
         "logprobs",
+        "matcher",
+        "pending",
         "position",
         "prefilled",
         "produced",
@@ -117,7 +111,6 @@ class _Running:
         "reserved_cells",
         "sampler",
         "seq_id",
-        "shortlist",
         "sink",
     )
 
@@ -127,7 +120,7 @@ class _Running:
         sink: TokenSink,
         seq_id: int,
         sampler: Any | None,
-        grammar: Any | None = None,
+        matcher: Any | None = None,
         *,
         choice: int = 0,
         group: _Group | None = None,
@@ -138,9 +131,11 @@ class _Running:
         self.sampler = sampler
         self.choice = choice
         self.group = group
-        #: llama.cpp's grammar sampler when the answer is constrained (sampled lazily, see sampling.Candidates).
-        self.grammar = grammar
-        self.shortlist = shortlist_size(job.sampling) if grammar is not None else 0
+        #: llguidance's matcher when the answer is constrained (see sampling.Candidates and _deliver_constrained).
+        self.matcher = matcher
+        #: Answer tokens already delivered that go into the KV cache before ``last_token`` at the next step: the
+        #: sampled token and the forced ones before the last (jump-forward, see _deliver_constrained).
+        self.pending: list[int] = []
         #: Each answer token's log probability, when the job asked for them, and which of them each text chunk carries.
         self.logprobs: list[TokenLogprob] | None = [] if job.logprobs is not None else None
         self.queue: LogprobQueue[TokenLogprob] | None = LogprobQueue() if job.logprobs is not None else None
@@ -210,6 +205,9 @@ class GGUFEngine:
         self._n_vocab = int(self._model.llama.n_vocab())
         self._greedy = LogitRows(self._ctx, self._n_vocab)
         self._candidates = Candidates(self._ctx, self._n_vocab, self._greedy)
+        self._constraints = Constraints(self._vocab)
+        #: Forced tokens a sequence may append in one step, so that every sequence's share fits in one batch.
+        self._max_forced = max(0, min(MAX_FORCED_PER_STEP, self._n_batch // self._parallel - 1))
 
         self._inbox: queue.SimpleQueue[tuple[GenerationJob, TokenSink] | None] = queue.SimpleQueue()
         self._waiting: deque[tuple[GenerationJob, TokenSink]] = deque()
@@ -291,8 +289,11 @@ class GGUFEngine:
         # Parsing reads the vocabulary only, which no thread writes: safe beside the engine thread's decoding.
         return grammar_error(self._vocab, grammar)
 
+    def gbnf_grammar(self, grammar: str) -> str:
+        return self._constraints.gbnf(grammar)
+
     def json_schema_grammar(self, schema: Mapping[str, Any] | None) -> str:
-        return json_schema_gbnf(schema)
+        return self._constraints.json_schema(schema)
 
     # --- jobs -----------------------------------------------------------------------------------------------
 
@@ -404,9 +405,9 @@ class GGUFEngine:
                 assert group is not None
                 group.awaiting_prompt.append(self._start(job, sink, other, choice=choice, group=group))
             members = group.members if group is not None else [running]
-            if job.grammar is not None and any(member.grammar is None for member in members):
-                # Checked when prepared: llama.cpp changed its mind.
-                self._abort(running, GenerationError("llama.cpp could not parse the request's grammar"))
+            broken = next((m.matcher for m in members if m.matcher is not None and m.matcher.is_error()), None)
+            if broken is not None:  # checked when prepared: cannot happen, but say so
+                self._abort(running, GenerationError(f"the request's grammar failed: {broken.get_error()}"))
                 continue
             try:
                 sink.started()
@@ -435,8 +436,8 @@ class GGUFEngine:
         if choice and sampling.seed is not None:
             # Each choice draws on its own: a seeded job's choice i uses seed + i, so the set of answers repeats.
             sampling = dataclasses.replace(sampling, seed=(sampling.seed + choice) % 2**32)
-        grammar = new_grammar(self._vocab, job.grammar) if job.grammar is not None else None
-        running = _Running(job, sink, seq_id, new_sampler(sampling, self._n_vocab), grammar, choice=choice, group=group)
+        matcher = self._constraints.matcher(job.grammar) if job.grammar is not None else None
+        running = _Running(job, sink, seq_id, new_sampler(sampling, self._n_vocab), matcher, choice=choice, group=group)
         if group is not None:
             group.members.append(running)
         self._running[seq_id] = running
@@ -616,6 +617,8 @@ class GGUFEngine:
                 if running.group is None or running.choice == 0:  # the other choices get the prompt by copy
                     prefilling.append(running)
                 continue
+            if running.pending:
+                n_tokens = self._put_pending(running, n_tokens)
             tokens[n_tokens] = running.last_token
             running.fed.append(running.last_token)
             positions[n_tokens] = running.position
@@ -677,8 +680,8 @@ class GGUFEngine:
         sampled = [
             (
                 running,
-                self._sample_constrained(running)
-                if running.grammar is not None
+                self._candidates.sample(running.batch_index, running.sampler, running.matcher)
+                if running.matcher is not None
                 else self._greedy.highest(running.batch_index)
                 if running.sampler is None
                 else llama_cpp.llama_sampler_sample(running.sampler, self._ctx, running.batch_index),
@@ -688,7 +691,10 @@ class GGUFEngine:
         ]
         for running, token in sampled:
             try:
-                self._deliver(running, token)
+                if running.matcher is None:
+                    self._deliver(running, token)
+                else:
+                    self._deliver_constrained(running, running.matcher, token)
             except Exception as exc:  # a broken sink ends its own job only
                 self._abort(running, exc)
 
@@ -709,14 +715,58 @@ class GGUFEngine:
             self._copies_pending = True
         return shared
 
-    def _sample_constrained(self, running: _Running) -> int:
-        return self._candidates.sample(running.batch_index, running.sampler, running.grammar, running.shortlist)
+    def _put_pending(self, running: _Running, n_tokens: int) -> int:
+        """Put the sequence's pending answer tokens in the batch, without logits; returns the batch's new size."""
+        tokens, positions, logits, seq_ids = self._batch_token, self._batch_pos, self._batch_logits, self._batch_seq_id
+        for token in running.pending:
+            tokens[n_tokens] = token
+            positions[n_tokens] = running.position
+            seq_ids[n_tokens][0] = running.seq_id
+            logits[n_tokens] = 0
+            running.position += 1
+            n_tokens += 1
+        running.fed.extend(running.pending)
+        running.pending = []
+        return n_tokens
 
-    def _deliver(self, running: _Running, token: int) -> None:
+    def _deliver_constrained(self, running: _Running, matcher: Any, token: int) -> None:
+        """Deliver a sampled token of a constrained answer, then the tokens its grammar forces next (jump-forward).
+
+        Forced tokens (llguidance's fast-forward tokens: the rest of a key, punctuation, an enum value's tail) are
+        delivered at once and go into the KV cache together at the next step, before the last of them, whose
+        logits give the next sampled token: n forced tokens cost one batched decode instead of n. llguidance
+        returns only tokens the model's tokenizer would produce for those bytes whatever follows, so the cache
+        holds the tokenization the model knows. An answer whose grammar allows nothing more ends here, without
+        the decode step that would only sample its end token. Forced tokens have no logits of their own, so a job
+        that asked for log probabilities samples every token.
+        """
+        if token < 0 or not matcher.consume_token(token):
+            raise GenerationError(f"the answer's grammar allows no next token ({matcher.get_error() or 'none fits'})")
+        if not self._deliver(running, token):
+            return
+        forced: list[int] = []
+        if running.logprobs is None and self._max_forced:
+            forced = matcher.compute_ff_tokens()[: self._max_forced]
+            if forced and not matcher.consume_tokens(forced):
+                raise GenerationError(f"the answer's grammar refused its own forced tokens: {matcher.get_error()}")
+            if running.sampler is not None:
+                for forced_token in forced:  # the chain's penalties count every answer token
+                    llama_cpp.llama_sampler_accept(running.sampler, forced_token)
+        for forced_token in forced:
+            if not self._deliver(running, forced_token):
+                return
+        if matcher.is_stopped():
+            self._finish(running, FinishReason.STOP)
+            return
+        if forced:
+            running.pending = [token, *forced[:-1]]
+
+    def _deliver(self, running: _Running, token: int) -> bool:
+        """Hand a token's text to the sink; True while the job goes on (False: it finished here)."""
         piece, ends_generation = self.pieces(token)
         if ends_generation:
             self._finish(running, FinishReason.STOP)
-            return
+            return False
         running.produced += 1
         fed = running.assembler.feed(piece)
         queue = running.queue
@@ -728,10 +778,12 @@ class GGUFEngine:
             running.sink.text(fed.text, None if queue is None else queue.sent(len(fed.text)), running.choice)
         if fed.stopped:
             self._finish(running, FinishReason.STOP)
-        elif running.produced >= running.job.max_tokens:
+            return False
+        if running.produced >= running.job.max_tokens:
             self._finish(running, FinishReason.LENGTH)
-        else:
-            running.last_token = token
+            return False
+        running.last_token = token
+        return True
 
     def _logprob(self, running: _Running, token: int) -> TokenLogprob:
         """The token's log probability under the model's raw distribution (this step's logits, before temperature,
@@ -780,8 +832,6 @@ class GGUFEngine:
         del self._running[running.seq_id]
         if running.sampler is not None:
             llama_cpp.llama_sampler_free(running.sampler)
-        if running.grammar is not None:
-            llama_cpp.llama_sampler_free(running.grammar)
         seq_id = running.seq_id
         held: list[int] = []
         freed = running.reserved_cells

@@ -25,7 +25,7 @@ Other decisions a caller may need to know:
 
 - Omitted sampling fields take the service's defaults (temperature 0.7, top_p 0.95, top_k 40, min_p 0.05).
 - ``max_completion_tokens`` wins over ``max_tokens``; omitted, the answer may use what fits, up to SMOLLM_MAX_TOKENS.
-- ``response_format`` constrains the text token by token with llama.cpp's grammar sampler: an answer that ends with
+- ``response_format`` constrains the text token by token (llguidance, see engine.grammar): an answer that ends with
   ``finish_reason: "stop"`` always parses (and validates against the schema); one cut by ``max_tokens`` says
   ``length``. ``json_schema.strict`` is accepted either way: the schema is always enforced.
 - ``finish_reason`` is ``stop`` or ``length``. The native ``timeout`` (SMOLLM_REQUEST_TIMEOUT_S ran out while
