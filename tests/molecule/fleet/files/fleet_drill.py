@@ -218,6 +218,10 @@ def signal_service(container: str, signal: str) -> None:
     )
 
 
+#: How late wait_status may see a status change: one 0.1 s poll plus a stats call, with room to spare.
+UP_SEEN_LATE_S = 0.5
+
+
 def wait_status(lb: str, backend: str, server: str, prefix: str, timeout: float) -> float | None:
     """Time (epoch) when the balancer first shows the server with a status starting with ``prefix``."""
     deadline = time.time() + timeout
@@ -396,8 +400,11 @@ def fault_drill(args: argparse.Namespace, signal: str) -> dict[str, Any]:
     facts["failed_in_flight"] = len(early)
     facts["started_after_down"] = len(late)
     facts["failed_after_down"] = sum(not r["ok"] for r in late)
-    # Requests started while the balancer had the victim DOWN (until it was UP again).
-    down_window = [r for r in late if t_up is None or r["start"] < t_up]
+    # Requests started while the balancer had the victim DOWN: before it was resumed (a stopped service is DOWN until
+    # then), and before it was seen UP again, less one poll and a stat call (UP is seen up to that late, and leastconn
+    # sends the next request to the idle server that just came back).
+    window_end = min(t_up - UP_SEEN_LATE_S if t_up else float("inf"), t_resume if signal == "STOP" else float("inf"))
+    down_window = [r for r in late if r["start"] < window_end]
     facts["after_down_served_by_victim"] = sum(r["server"] == args.victim for r in down_window if r["ok"])
     name = "kill -9" if signal == "KILL" else "SIGSTOP"
     facts["summary"] = (
