@@ -5,7 +5,8 @@ Runs in one go, on the same model file and thread count:
   (a) llama-cpp-python in process (a child process, so its memory is measured alone);
   (b) this service over HTTP, ``SMOLLM_PARALLEL`` sequences batched (b1: the same with SMOLLM_PARALLEL=1);
   (c) llama-cpp-python's own server (``pip install 'llama-cpp-python[server]'``);
-  (d) llama.cpp's llama-server (``scripts/build_llama_server.sh``; skipped with a message when not found).
+  (d) llama.cpp's llama-server (``scripts/build_llama_server.sh``; skipped with a message when not found);
+  (dh) the same with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, the huge pages (b) gets from its unit's environment.
 
 Every HTTP server is driven through ``POST /v1/chat/completions`` with ``stream=true`` by the same client, on
 loopback, with a bounded number of requests. Figures: decode tok/s and time to first token for one client, prefill
@@ -53,6 +54,8 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 REPO = Path(__file__).resolve().parents[1]
+#: What the role's unit puts in GLIBC_TUNABLES (innova_smollm.core.process_memory.HUGE_PAGES_TUNABLE says why).
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Where a run's dated summary goes by default (committed), and where its raw samples, logs and chart go (ignored).
 RESULTS_DIR = REPO / "docs" / "results"
@@ -468,6 +471,8 @@ def our_service(
         "SMOLLM_MAX_QUEUE": str(max(args.concurrency) + 8),
         "SMOLLM_LOG_LEVEL": "WARNING",
         "PYTHONPATH": str(REPO / "service") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        # As the role's unit starts it (innova_backend_huge_pages); a variant with GLIBC_TUNABLES= goes without.
+        "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE,
         **(extra_env or {}),
     }
     argv = [sys.executable, "-m", "innova_smollm", "serve"]
@@ -506,7 +511,8 @@ def llama_cpp_python_server(args: argparse.Namespace) -> Iterator[HttpPeer]:
 
 
 @contextlib.contextmanager
-def llama_server(args: argparse.Namespace) -> Iterator[HttpPeer]:
+def llama_server(args: argparse.Namespace, *, huge_pages: bool = False) -> Iterator[HttpPeer]:
+    """(d) as its users run it; (dh) with the huge-pages tunable this service's unit sets, for a like-for-like row."""
     binary = find_llama_server(args.llama_server)
     if binary is None:
         raise PeerUnavailableError(
@@ -520,8 +526,12 @@ def llama_server(args: argparse.Namespace) -> Iterator[HttpPeer]:
         "-np", str(args.parallel), "--host", "127.0.0.1", "--port", str(port), "--no-webui",
         *args.llama_server_arg,
     ]  # fmt: skip
-    with server(argv, dict(os.environ), args.out / "server-d.log", "/health", port) as pid:
-        yield HttpPeer("d", f"llama.cpp llama-server ({args.parallel} slots)", port, pid, args.request_timeout)
+    key, env, name = "d", dict(os.environ), f"llama.cpp llama-server ({args.parallel} slots)"
+    if huge_pages:
+        env["GLIBC_TUNABLES"] = HUGE_PAGES_TUNABLE
+        key, name = "dh", f"llama.cpp llama-server ({args.parallel} slots, GLIBC_TUNABLES={HUGE_PAGES_TUNABLE})"
+    with server(argv, env, args.out / f"server-{key}.log", "/health", port) as pid:
+        yield HttpPeer(key, name, port, pid, args.request_timeout)
 
 
 class PeerUnavailableError(Exception):
@@ -556,6 +566,7 @@ def start_peers(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[
         "b1": lambda: our_service("b1", 1, args),
         "c": lambda: llama_cpp_python_server(args),
         "d": lambda: llama_server(args),
+        "dh": lambda: llama_server(args, huge_pages=True),
     }
     for key, extra_env in args.variant.items():
         starters[key] = functools.partial(our_service, key, args.parallel, args, extra_env)
@@ -906,7 +917,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--contention-tokens", type=int, default=64)
     parser.add_argument("--contention-limit", type=float, default=30.0, help="seconds before a stream is cut")
     parser.add_argument("--peers", type=lambda s: s.split(","), default=["a", "b", "b1", "c", "d"],
-                        help="which of a,b,b1,c,d to run (default: all)")  # fmt: skip
+                        help="which of a,b,b1,c,d,dh to run (default: a,b,b1,c,d)")  # fmt: skip
     parser.add_argument(
         "--variant",
         type=_variant,

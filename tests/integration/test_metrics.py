@@ -11,6 +11,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from innova_smollm.core.process_memory import HUGE_PAGES_TUNABLE, transparent_huge_pages_mode
 from innova_smollm.engine.scheduler import GGUFEngine
 from innova_smollm.settings import Settings
 from tests.servers import API, LONG_PROMPT, LiveServer, make_settings, run_service, serve_in_thread, wait_until
@@ -194,12 +195,17 @@ def _proc_memory(pid: int) -> dict[str, float]:
         name, _, rest = line.partition(":")
         if name in fields:
             memory[fields[name]] = float(rest.split()[0]) * 1024  # the kernel writes kB meaning KiB
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):
+            memory["anon_huge_pages"] = float(line.split()[1]) * 1024
     return memory
 
 
 def test_process_memory_is_the_serving_process_own_proc_status(model_path: Path) -> None:
-    """The figures are those of the service's process (its own /proc/<pid>/status), in bytes, per field."""
-    with run_service({"SMOLLM_MODEL_PATH": str(model_path)}) as service:
+    """The figures are those of the service's process (its own /proc/<pid>/status and smaps_rollup), in bytes, per
+    field; started as the role's unit starts it, the weights sit in huge pages wherever the kernel allows them."""
+    environment = {"SMOLLM_MODEL_PATH": str(model_path), "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}
+    with run_service(environment) as service:
         assert wait_until(lambda: requests.get(f"{service.url}{API}/health", timeout=5).status_code == 200, timeout=60)
         reply = requests.post(
             f"{service.url}{API}/chat",
@@ -217,7 +223,7 @@ def test_process_memory_is_the_serving_process_own_proc_status(model_path: Path)
         for sample in family.samples
         if sample.name == "smollm_process_memory_bytes"
     }
-    assert set(samples) == {"rss", "rss_anon", "rss_file", "swap"}
+    assert set(samples) == {"rss", "rss_anon", "rss_file", "swap", "anon_huge_pages"}
     # RSS moves a little while the scrape is answered: the exported figure lies between the readings around it,
     # give or take 4 MiB. A wrong unit (x1000), field or process would be off by tens to hundreds of MiB.
     slack = 4 * 2**20
@@ -226,3 +232,6 @@ def test_process_memory_is_the_serving_process_own_proc_status(model_path: Path)
         assert low - slack <= exported <= high + slack, (kind, exported, before[kind], after[kind])
     assert samples["rss"] > samples["rss_file"] > 0
     assert abs(samples["rss"] - samples["rss_anon"] - samples["rss_file"]) <= slack  # RssShmem is all that is left
+    if transparent_huge_pages_mode() in ("always", "madvise"):
+        # The embedded model's 98 MB of weights (and its KV cache) are allocated in a few large buffers.
+        assert samples["anon_huge_pages"] >= 32 * 2**20, samples

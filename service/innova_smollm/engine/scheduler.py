@@ -51,6 +51,7 @@ from innova_smollm.engine.kv_cache import MIN_SAVED_STATE_GAIN, choose_sequence,
 from innova_smollm.engine.model import GGUFModel
 from innova_smollm.engine.sampling import Candidates, LogitRows, grammar_error, new_sampler
 from innova_smollm.engine.saved_states import SavedState, SavedStates, common_prefix_length
+from innova_smollm.engine.step_size import step_tokens
 from innova_smollm.engine.threads import ThreadCounts, ThreadGovernor, batch_threads, new_thread_governor
 from innova_smollm.errors import (
     ContextLengthExceededError,
@@ -67,9 +68,6 @@ log = logging.getLogger(__name__)
 #: when it is at least this fraction (1/64) of the window. Copying a stream costs about as much as decoding a few
 #: tokens of a small model (SmolLM2 at 4096 tokens: 94 MB); of a 3B model, much less than one token.
 WHOLE_STREAM_COPY_MIN_SHARE = 64
-
-#: Largest number of tokens in one llama_decode call.
-MAX_BATCH_TOKENS = 512
 
 #: While other sequences are generating, a new prompt is prefilled at most this many tokens per step, so a long
 #: prompt delays the running streams by one short chunk per step instead of by its whole prefill.
@@ -168,7 +166,7 @@ class GGUFEngine:
         self._llama = self._model.llama
         self._vocab = self._model.vocab
         self._parallel = settings.parallel
-        self._n_batch = min(MAX_BATCH_TOKENS, settings.n_ctx)
+        self._n_batch = step_tokens(int(llama_cpp.llama_model_n_params(self._llama.model)), settings.n_ctx)
         self._kv_layout = resolve_kv_layout(
             settings.kv_layout,
             parallel=self._parallel,

@@ -6,14 +6,14 @@ its metrics in class-level state on the global registry.
 
 The figures come from three hooks: the service reports each outcome and cancellation (:class:`Metrics` is its
 ``Observer``); :class:`~innova_smollm.http.requestlog.RequestLog` reports each finished HTTP request with its route,
-status and error type; gauges read the service's state and ``/proc/self/status`` when scraped.
+status and error type; gauges read the service's state and the process's memory (core/process_memory.py) when
+scraped.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 from litestar import Response, get
@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from innova_smollm.core.process_memory import read_memory
 from innova_smollm.core.service import ModelService, Outcome, State
 
 #: Error types (as in error bodies) that count as a refusal, by the rejection reason they are counted under.
@@ -41,12 +42,6 @@ _WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 _FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2)
 _TOTAL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-
-_PROC_STATUS = Path("/proc/self/status")
-
-#: /proc/self/status fields exported as smollm_process_memory_bytes{kind=...}. RssAnon and VmSwap show leaks that
-#: hide from RSS (heap growth pushed to swap, file-backed pages of the mmapped model coming and going).
-_MEMORY_FIELDS = {"VmRSS": "rss", "RssAnon": "rss_anon", "RssFile": "rss_file", "VmSwap": "swap"}
 
 #: Litestar adds "; charset=utf-8" to a text media type itself, so naming it here sent it twice.
 CONTENT_TYPE = "text/plain; version=0.0.4"
@@ -223,27 +218,13 @@ def _counters(name: str, documentation: str, label: str, counts: Mapping[str, in
 class _MemoryCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
-            "smollm_process_memory_bytes", "Process memory from /proc/self/status, by kind.", labels=["kind"]
+            "smollm_process_memory_bytes",
+            "Process memory from /proc/self/status and smaps_rollup, by kind.",
+            labels=["kind"],
         )
         for kind, value in read_memory().items():
             family.add_metric([kind], value)
         yield family
-
-
-def read_memory(path: Path = _PROC_STATUS) -> dict[str, float]:
-    """Bytes by kind (rss, rss_anon, rss_file, swap); empty where /proc is not available."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return {}
-    memory: dict[str, float] = {}
-    for line in lines:
-        name, _, rest = line.partition(":")
-        kind = _MEMORY_FIELDS.get(name)
-        if kind is not None:
-            amount, _, unit = rest.strip().partition(" ")
-            memory[kind] = float(amount) * (1024 if unit.strip().lower() == "kb" else 1)
-    return memory
 
 
 @get(
