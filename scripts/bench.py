@@ -209,6 +209,19 @@ class HttpPeer:
         return rss_mb(self.pid)
 
 
+def sse_chunks(response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
+    """The JSON chunks of an OpenAI-style server-sent event stream, up to ``data: [DONE]``."""
+    for raw in response:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            return
+        chunk: dict[str, Any] = json.loads(payload)
+        yield chunk
+
+
 def stream_chat(port: int, prompt: str, max_tokens: int, timeout_s: float) -> StreamResult:
     """One streamed chat completion, given up after ``timeout_s`` in all; each content chunk is counted as one token
     (all three servers send one token per chunk when no stop string holds text back)."""
@@ -231,14 +244,7 @@ def stream_chat(port: int, prompt: str, max_tokens: int, timeout_s: float) -> St
         response = connection.getresponse()
         if response.status != 200:
             return StreamResult(ok=False, error=f"HTTP {response.status}: {response.read(300)!r}")
-        for raw in response:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                break
-            chunk = json.loads(payload)
+        for chunk in sse_chunks(response):
             for choice in chunk.get("choices", ()):
                 if choice.get("delta", {}).get("content"):
                     now = time.perf_counter()
@@ -967,7 +973,7 @@ def main() -> int:
     if not args.model.is_file():
         print(f"model {args.model} not found (scripts/fetch_model.py fetches it)", file=sys.stderr)
         return 2
-    known = {"a", "b", "b1", "c", "d", *args.variant}
+    known = {"a", "b", "b1", "c", "d", "dh", *args.variant}
     unknown = set(args.peers) - known
     if unknown:
         print(f"unknown peers {sorted(unknown)}: choose from {', '.join(sorted(known))}", file=sys.stderr)

@@ -116,14 +116,7 @@ def ask(port: int, *, constrained: bool, temperature: float, max_tokens: int, se
         response = connection.getresponse()
         if response.status != 200:
             return Answer(ok=False, error=f"HTTP {response.status}: {response.read(300)!r}")
-        for raw in response:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                break
-            chunk = json.loads(payload)
+        for chunk in bench.sse_chunks(response):
             if chunk.get("usage"):
                 usage_tokens = int(chunk["usage"]["completion_tokens"])
             for choice in chunk.get("choices", ()):

@@ -98,11 +98,7 @@ def post(port: int, path: str, body: dict[str, Any], timeout_s: float) -> tuple[
         response = connection.getresponse()
         if response.status != 200:
             raise RuntimeError(f"{path}: HTTP {response.status}: {response.read(300)!r}")
-        for raw in response:
-            line = raw.strip()
-            if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
-                continue
-            chunk = json.loads(line[5:])
+        for chunk in bench.sse_chunks(response):
             last = chunk
             for choice in chunk.get("choices", ()):
                 piece = choice.get("delta", {}).get("content") or choice.get("text") or ""

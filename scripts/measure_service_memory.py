@@ -126,6 +126,9 @@ def one_run(name: str, tree: Path, args: argparse.Namespace, bias: dict[str, int
             "SMOLLM_USE_MMAP": "false",
             "SMOLLM_MAX_QUEUE": "8",
             "SMOLLM_LOG_LEVEL": "WARNING",
+            # As the role's unit starts it (innova_backend_huge_pages).
+            "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+            **args.tree_env.get(name, {}),
         },
     )
     url = f"http://127.0.0.1:{port}"
@@ -239,6 +242,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--tree", action="append", default=[], help="NAME=PATH of a source tree (default: this one)")
+    parser.add_argument(
+        "--tree-env",
+        action="append",
+        default=[],
+        help="NAME:VAR=VALUE, the environment of one tree's service (e.g. 'before:GLIBC_TUNABLES=' for no huge pages)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=48)
@@ -247,6 +256,12 @@ def main() -> int:
     parser.add_argument("--kv-layout", default="auto")
     parser.add_argument("--out", type=Path, default=None, help="write every run and the budget as JSON here")
     args = parser.parse_args()
+    tree_env_specs: dict[str, dict[str, str]] = {}
+    for spec in args.tree_env:
+        name, _, assignment = spec.partition(":")
+        variable, _, value = assignment.partition("=")
+        tree_env_specs.setdefault(name, {})[variable] = value
+    args.tree_env = tree_env_specs
     trees = [(spec.partition("=")[0], Path(spec.partition("=")[2]).resolve()) for spec in args.tree] or [
         ("this", REPO_ROOT)
     ]
@@ -265,6 +280,7 @@ def main() -> int:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: v for k, v in vars(args).items() if k not in ("out", "tree")}
+        settings["trees"] = {name: str(tree) for name, tree in trees}
         settings["model"] = str(args.model)
         document = {"budget": budget, "settings": settings, "runs": runs, "table": table}
         args.out.write_text(json.dumps(document, indent=1) + "\n")

@@ -41,6 +41,36 @@ LONG_PROMPT = "Count from 1 to 1000: 1, 2, 3, 4,"
 #: that needs an answer to run until its deadline or ``max_tokens`` however the model would have answered.
 NEVER_ENDS = {"0": -100, "2": -100}
 
+#: Two OpenAI tool definitions the tool-call tests share (openai SDK, LangChain, the client library).
+WEATHER_PARAMETERS: dict[str, Any] = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+EXAMPLE_TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": WEATHER_PARAMETERS,
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "send_email",
+            "description": "Send an email",
+            "parameters": {
+                "type": "object",
+                "properties": {"to": {"type": "string", "maxLength": 30}},
+                "required": ["to"],
+            },
+        },
+    },
+]
+
 
 @pytest.fixture(scope="session")
 def model_path() -> Path:

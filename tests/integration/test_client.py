@@ -39,7 +39,15 @@ from innova_smollm.ops.client import (
     parse_retry_after,
 )
 from innova_smollm.settings import Settings
-from tests.servers import LONG_PROMPT, REPO_ROOT, LiveServer, free_port, make_settings, serve_in_thread
+from tests.servers import (
+    EXAMPLE_TOOLS,
+    LONG_PROMPT,
+    REPO_ROOT,
+    LiveServer,
+    free_port,
+    make_settings,
+    serve_in_thread,
+)
 
 # --- helpers shared with test_healthcheck ----------------------------------------------------------------------
 
@@ -515,26 +523,8 @@ def test_response_format_comes_back_parsed(live: LiveServer) -> None:
         assert caught.value.field == "response_format.json_schema.schema"
 
 
-WEATHER_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
-            "required": ["city", "unit"],
-        },
-    },
-}
-EMAIL_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {"name": "send_email", "parameters": {"type": "object", "properties": {"to": {"type": "string"}}}},
-}
-
-
 def test_tools_come_back_as_parsed_calls_and_a_tool_loop_goes_round(live: LiveServer) -> None:
-    tools = [WEATHER_TOOL, EMAIL_TOOL]
+    tools = EXAMPLE_TOOLS
     history: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in Paris?"}]
     with SmolLMClient(live.url) as client:
         answer = client.chat(history, tools=tools, tool_choice="get_weather", max_tokens=60, temperature=0)
@@ -556,6 +546,6 @@ def test_tools_come_back_as_parsed_calls_and_a_tool_loop_goes_round(live: LiveSe
 def test_a_tool_request_that_cannot_be_honoured_names_the_field(live: LiveServer) -> None:
     attempts = Attempts()
     with SmolLMClient(live.url, retry=quick_policy(attempts)) as client, pytest.raises(BadRequestError) as caught:
-        client.chat("Hi", tools=[WEATHER_TOOL], tool_choice="no_such_tool", max_tokens=4)
+        client.chat("Hi", tools=EXAMPLE_TOOLS[:1], tool_choice="no_such_tool", max_tokens=4)
     assert caught.value.status_code == 400 and caught.value.field == "tool_choice"
     assert attempts.count == 1

@@ -12,7 +12,7 @@ import pytest
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, ToolMessage
 from langchain_openai import ChatOpenAI
 
-from tests.servers import LiveServer
+from tests.servers import EXAMPLE_TOOLS, LiveServer
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 
@@ -25,34 +25,7 @@ class Person(pydantic.BaseModel):
     colour: Literal["red", "green", "blue"]
 
 
-WEATHER_PARAMETERS: dict[str, Any] = {
-    "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
-TOOLS: list[dict[str, Any]] = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather in a city",
-            "parameters": WEATHER_PARAMETERS,
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "send_email",
-            "description": "Send an email",
-            "parameters": {
-                "type": "object",
-                "properties": {"to": {"type": "string", "maxLength": 30}},
-                "required": ["to"],
-            },
-        },
-    },
-]
+TOOLS = EXAMPLE_TOOLS
 SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
 QUESTION = "What is the weather in Paris?"
 

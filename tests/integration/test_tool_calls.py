@@ -11,38 +11,11 @@ import jsonschema
 import openai
 import pytest
 
-from tests.servers import LiveServer
+from tests.servers import EXAMPLE_TOOLS, LiveServer
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 
-WEATHER_PARAMETERS = {
-    "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
-TOOLS: list[Any] = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather in a city",
-            "parameters": WEATHER_PARAMETERS,
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "send_email",
-            "description": "Send an email",
-            "parameters": {
-                "type": "object",
-                "properties": {"to": {"type": "string", "maxLength": 30}},
-                "required": ["to"],
-            },
-        },
-    },
-]
+TOOLS: list[Any] = EXAMPLE_TOOLS
 QUESTION: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 

@@ -51,7 +51,7 @@ from innova_smollm.engine.kv_cache import MIN_SAVED_STATE_GAIN, choose_sequence,
 from innova_smollm.engine.model import GGUFModel
 from innova_smollm.engine.sampling import Candidates, LogitRows, grammar_error, new_sampler
 from innova_smollm.engine.saved_states import SavedState, SavedStates, common_prefix_length
-from innova_smollm.engine.step_size import step_tokens
+from innova_smollm.engine.step_size import LARGE_MODEL_PARAMETERS, step_tokens
 from innova_smollm.engine.threads import ThreadCounts, ThreadGovernor, batch_threads, new_thread_governor
 from innova_smollm.errors import (
     ContextLengthExceededError,
@@ -166,7 +166,8 @@ class GGUFEngine:
         self._llama = self._model.llama
         self._vocab = self._model.vocab
         self._parallel = settings.parallel
-        self._n_batch = step_tokens(int(llama_cpp.llama_model_n_params(self._llama.model)), settings.n_ctx)
+        parameters = int(llama_cpp.llama_model_n_params(self._llama.model))
+        self._n_batch = step_tokens(parameters, settings.n_ctx)
         self._kv_layout = resolve_kv_layout(
             settings.kv_layout,
             parallel=self._parallel,
@@ -203,7 +204,7 @@ class GGUFEngine:
         self._n_vocab = int(self._model.llama.n_vocab())
         self._greedy = LogitRows(self._ctx, self._n_vocab)
         self._candidates = Candidates(self._ctx, self._n_vocab, self._greedy)
-        self._constraints = Constraints(self._vocab)
+        self._constraints = Constraints(self._vocab, token_slices=parameters < LARGE_MODEL_PARAMETERS)
         #: Forced tokens a sequence may append in one step, so that every sequence's share fits in one batch.
         self._max_forced = max(0, min(MAX_FORCED_PER_STEP, self._n_batch // self._parallel - 1))
 

@@ -27,7 +27,7 @@ from innova_smollm.http.auth import api_key_guard
 from innova_smollm.http.connections import ConnectionHooks
 from innova_smollm.http.errors import EXCEPTION_HANDLERS, JSONBodyRequest
 from innova_smollm.http.metrics import Metrics, metrics_endpoint
-from innova_smollm.http.native.routes import ChatlayaController, NativeController, TokensController
+from innova_smollm.http.native.routes import ChatlayaController, NativeController, detokenize, tokenize
 from innova_smollm.http.openai import routes as openai
 from innova_smollm.http.request_limit import RequestLimit
 from innova_smollm.http.requestlog import RequestLog
@@ -68,7 +68,7 @@ def create_app(settings: Settings, engine: Engine | None = None, *, loader: Engi
         "bearer": SecurityScheme(type="http", scheme="bearer", description="One of SMOLLM_API_KEYS.")
     }
     app = Litestar(
-        route_handlers=[NativeController, ChatlayaController, TokensController, openai.router, metrics_endpoint],
+        route_handlers=[NativeController, ChatlayaController, tokenize, detokenize, openai.router, metrics_endpoint],
         dependencies={
             "service": Provide(provide_service, sync_to_thread=False),
             "metrics": Provide(provide_metrics, sync_to_thread=False),

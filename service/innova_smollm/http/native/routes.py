@@ -111,30 +111,6 @@ class NativeController(Controller):
         )
         return result
 
-    @post(
-        "/tokenize",
-        summary="Tokenize text",
-        description=TOKENIZE_DESCRIPTION,
-        status_code=HTTP_200_OK,
-        responses=ERROR_RESPONSES,
-    )
-    async def tokenize(
-        self, data: JSONBody[TokenizeRequest], service: NamedDependency[ModelService]
-    ) -> TokenizeResponse:
-        return await anyio.to_thread.run_sync(tokenize_text, service, data)
-
-    @post(
-        "/detokenize",
-        summary="Token ids to text",
-        description=DETOKENIZE_DESCRIPTION,
-        status_code=HTTP_200_OK,
-        responses=ERROR_RESPONSES,
-    )
-    async def detokenize(
-        self, data: JSONBody[DetokenizeRequest], service: NamedDependency[ModelService]
-    ) -> DetokenizeResponse:
-        return await anyio.to_thread.run_sync(detokenize_tokens, service, data)
-
     @get("/info", summary="Model and service metadata", sync_to_thread=False)
     def info(self, service: NamedDependency[ModelService]) -> Info:
         return service_info(service)
@@ -186,32 +162,30 @@ def health_response(service: ModelService) -> Response[Health]:
     )
 
 
-class TokensController(Controller):
-    """The token endpoints at llama.cpp's paths (``/tokenize``, ``/detokenize``)."""
+#: The token endpoints answer at the native prefix and at llama.cpp's own paths, one handler each.
+TOKENIZE_PATHS = ["/innova/api/smollm/tokenize", "/tokenize"]
+DETOKENIZE_PATHS = ["/innova/api/smollm/detokenize", "/detokenize"]
 
-    path = "/"
-    tags = ["tokens"]
 
-    @post(
-        "/tokenize",
-        summary="Tokenize text (llama.cpp's shape)",
-        description=TOKENIZE_DESCRIPTION,
-        status_code=HTTP_200_OK,
-        responses=ERROR_RESPONSES,
-    )
-    async def tokenize(
-        self, data: JSONBody[TokenizeRequest], service: NamedDependency[ModelService]
-    ) -> TokenizeResponse:
-        return await anyio.to_thread.run_sync(tokenize_text, service, data)
+@post(
+    TOKENIZE_PATHS,
+    summary="Tokenize text",
+    description=TOKENIZE_DESCRIPTION,
+    status_code=HTTP_200_OK,
+    responses=ERROR_RESPONSES,
+    tags=["tokens"],
+)
+async def tokenize(data: JSONBody[TokenizeRequest], service: NamedDependency[ModelService]) -> TokenizeResponse:
+    return await anyio.to_thread.run_sync(tokenize_text, service, data)
 
-    @post(
-        "/detokenize",
-        summary="Token ids to text (llama.cpp's shape)",
-        description=DETOKENIZE_DESCRIPTION,
-        status_code=HTTP_200_OK,
-        responses=ERROR_RESPONSES,
-    )
-    async def detokenize(
-        self, data: JSONBody[DetokenizeRequest], service: NamedDependency[ModelService]
-    ) -> DetokenizeResponse:
-        return await anyio.to_thread.run_sync(detokenize_tokens, service, data)
+
+@post(
+    DETOKENIZE_PATHS,
+    summary="Token ids to text",
+    description=DETOKENIZE_DESCRIPTION,
+    status_code=HTTP_200_OK,
+    responses=ERROR_RESPONSES,
+    tags=["tokens"],
+)
+async def detokenize(data: JSONBody[DetokenizeRequest], service: NamedDependency[ModelService]) -> DetokenizeResponse:
+    return await anyio.to_thread.run_sync(detokenize_tokens, service, data)

@@ -21,7 +21,13 @@ from pathlib import Path
 
 BASE, MAX_TOKENS, END_TOKENS, UNIT = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), sys.argv[4]
 STATUS_KEYS = ("VmRSS", "RssAnon", "RssFile", "VmSwap", "VmHWM")
-METRIC_KINDS = {"VmRSS": "rss", "RssAnon": "rss_anon", "RssFile": "rss_file", "VmSwap": "swap"}
+METRIC_KINDS = {
+    "VmRSS": "rss",
+    "RssAnon": "rss_anon",
+    "RssFile": "rss_file",
+    "VmSwap": "swap",
+    "AnonHugePages": "anon_huge_pages",
+}
 # About 150 tokens: four of them fill one 512-token prefill step, which touches llama.cpp's whole compute buffer.
 SYSTEM = (
     "You are the assistant of a regional cooperative that sells farm produce, tools and seeds. Answer in plain "
@@ -56,7 +62,15 @@ def proc_status(pid: str) -> dict[str, int]:
         name, _, rest = line.partition(":")
         if name in STATUS_KEYS:
             values[name] = int(rest.split()[0]) * 1024
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("AnonHugePages:"):  # the weights in transparent huge pages (innova_backend_huge_pages)
+            values["AnonHugePages"] = int(line.split()[1]) * 1024
     return values
+
+
+def thp_mode() -> str:
+    text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    return text[text.index("[") + 1 : text.index("]")]
 
 
 def read_int(path: Path) -> int | None:
@@ -205,6 +219,7 @@ def main() -> int:
         "requests": results,
         "requests_s": round(elapsed, 1),
         "proc_after": status_after,
+        "thp_mode": thp_mode(),
         "sampled_peaks": peaks,
         "cgroup_memory": cgroup.report(),
         "metrics_vs_proc": metrics_vs_proc,
