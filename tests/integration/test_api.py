@@ -126,6 +126,7 @@ def test_info_describes_the_model(live: LiveServer) -> None:
     # SMOLLM_PARALLEL's default, and the layout ``auto`` picks for this small model's four 1024-token windows.
     assert info["parallel"] == 4
     assert info["kv_layout"] == "per_sequence"
+    assert info["step_tokens"] == 512  # a model under 1B parameters (engine/step_size.py)
     assert info["has_chat_template"] is True
     assert info["llama_cpp_python_version"]
     assert info["load_time_s"] >= 0

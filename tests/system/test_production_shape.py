@@ -164,6 +164,14 @@ def shape_server(shape_model: Path) -> Iterator[LiveServer]:
         engine.close()
 
 
+def test_the_production_shape_takes_short_steps(shape_server: LiveServer) -> None:
+    """The step rule for a model of 1B parameters and more: 128 tokens per decode call (a 57 MiB smaller compute
+    buffer than 512, prefill as fast; engine/step_size.py)."""
+    info = shape_server.get("/innova/api/smollm/info").json()
+    assert info["parameters"] >= 3_000_000_000
+    assert info["step_tokens"] == 128
+
+
 def test_tools_go_through_llama_3_2s_template_and_a_forced_call_takes_its_shape(
     shape_server: LiveServer, vocab: Any
 ) -> None:

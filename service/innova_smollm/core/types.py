@@ -218,6 +218,8 @@ class ModelMetadata:
     flash_attn: bool
     #: The KV layout in use: SMOLLM_KV_LAYOUT with ``auto`` resolved by the engine.
     kv_layout: str
+    #: Tokens per llama_decode call, by the model's size (engine/step_size.py).
+    step_tokens: int
 
 
 class DecodeThreads(Protocol):

@@ -165,6 +165,7 @@ class GGUFModel:
         flash_attn: bool,
         load_time_s: float,
         kv_layout: KVLayout,
+        step_tokens: int,
     ) -> ModelMetadata:
         meta: dict[str, Any] = self.llama.metadata
         file_type = int(meta.get("general.file_type", -1))
@@ -188,6 +189,7 @@ class GGUFModel:
             parallel=parallel,
             flash_attn=flash_attn,
             kv_layout=kv_layout.value,
+            step_tokens=step_tokens,
         )
 
     def kv_bytes_per_cell(self) -> int:

@@ -188,6 +188,7 @@ class GGUFEngine:
             flash_attn=self._flash_attn,
             load_time_s=time.perf_counter() - started,
             kv_layout=self._kv_layout,
+            step_tokens=self._n_batch,
         )
         self._timeout_s = settings.request_timeout_s
         self._threads = new_thread_governor(settings)

@@ -9,7 +9,8 @@ from __future__ import annotations
 #: (docs/results/2026-12-06-production-memory/ubatch.md).
 SMALL_MODEL_STEP_TOKENS = 512
 LARGE_MODEL_STEP_TOKENS = 128
-#: Models with at least this many parameters take LARGE_MODEL_STEP_TOKENS (and go without llguidance's slicer, engine/grammar.py).
+#: Models with at least this many parameters take LARGE_MODEL_STEP_TOKENS (and go without llguidance's slicer,
+#: engine/grammar.py).
 LARGE_MODEL_PARAMETERS = 1_000_000_000
 
 

@@ -354,6 +354,10 @@ class Info(msgspec.Struct, kw_only=True):
             "parallel is above 1."
         ),
     ]
+    step_tokens: Annotated[
+        int | None,
+        Meta(description="Tokens per llama.cpp decode call: 128 for models of 1B parameters and more, else 512."),
+    ]
     max_queue: Annotated[int, Meta(description="SMOLLM_MAX_QUEUE: requests allowed to wait.")]
     max_tokens: Annotated[int, Meta(description="SMOLLM_MAX_TOKENS: server cap on max_tokens.")]
     in_flight: Annotated[

@@ -139,6 +139,7 @@ def service_info(service: ModelService) -> Info:
         flash_attn=meta.flash_attn if meta else None,
         parallel=settings.parallel,
         kv_layout=meta.kv_layout if meta else settings.kv_layout.value,
+        step_tokens=meta.step_tokens if meta else None,
         max_queue=settings.max_queue,
         max_tokens=settings.max_tokens,
         in_flight=service.in_flight,
