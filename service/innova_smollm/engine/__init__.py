@@ -2,7 +2,8 @@
 
 - ``scheduler``: :class:`GGUFEngine`, one thread and one llama context decoding up to ``SMOLLM_PARALLEL`` requests
   in one batch per step (continuous batching); ``SMOLLM_PARALLEL=1`` is the same engine with one sequence.
-- ``model``: the GGUF file, its tokens and chat template; ``sampling``: sampler chains and in-place greedy decoding.
+- ``model``: the GGUF file, its tokens and chat template; ``sampling``: sampler chains and in-place greedy decoding;
+  ``sequences``: the state of each admitted job (and of the ``n`` choices of one).
 - Pure policy, testable without llama_cpp: ``kv_cache`` (layout, which sequence a job takes), ``step_size`` (tokens
   per llama_decode call), ``saved_states`` (the prompt cache in host memory), ``detokenize`` (UTF-8 and stop
   strings), ``threads`` (the decode-thread governor).

@@ -45,12 +45,12 @@ from innova_smollm.core.types import (
     TokenLogprob,
     TokenSink,
 )
-from innova_smollm.engine.detokenize import LogprobQueue, TextAssembler
 from innova_smollm.engine.grammar import MAX_FORCED_PER_STEP, Constraints
 from innova_smollm.engine.kv_cache import MIN_SAVED_STATE_GAIN, choose_sequence, resolve_kv_layout
 from innova_smollm.engine.model import GGUFModel
 from innova_smollm.engine.sampling import Candidates, LogitRows, grammar_error, new_sampler
 from innova_smollm.engine.saved_states import SavedState, SavedStates, common_prefix_length
+from innova_smollm.engine.sequences import ChoiceGroup, RunningSequence
 from innova_smollm.engine.step_size import LARGE_MODEL_PARAMETERS, step_tokens
 from innova_smollm.engine.threads import ThreadCounts, ThreadGovernor, batch_threads, new_thread_governor
 from innova_smollm.errors import (
@@ -72,88 +72,6 @@ WHOLE_STREAM_COPY_MIN_SHARE = 64
 #: While other sequences are generating, a new prompt is prefilled at most this many tokens per step, so a long
 #: prompt delays the running streams by one short chunk per step instead of by its whole prefill.
 PREFILL_CHUNK_WHILE_DECODING = 128
-
-
-class _Group:
-    """The choices of one job with ``n`` > 1 (see the module docstring)."""
-
-    __slots__ = ("awaiting_prompt", "members", "prompt_cells")
-
-    def __init__(self, prompt_cells: int) -> None:
-        self.members: list[_Running] = []
-        #: Choices whose prompt cells are not copied yet (all but the first, until its prefill is complete).
-        self.awaiting_prompt: list[_Running] = []
-        #: The prompt's cells, reserved once for the whole group and freed with its last choice.
-        self.prompt_cells = prompt_cells
-
-
-class _Running:
-    """One admitted job, or one choice of a job with ``n`` > 1: its KV sequence id, its sampler chain and where it
-    stands."""
-
-    __slots__ = (
-        "assembler",
-        "batch_index",
-        "choice",
-        "fed",
-        "group",
-        "job",
-        "last_token",
-        "logprobs",
-        "matcher",
-        "pending",
-        "position",
-        "prefilled",
-        "produced",
-        "queue",
-        "reserved_cells",
-        "sampler",
-        "seq_id",
-        "sink",
-    )
-
-    def __init__(
-        self,
-        job: GenerationJob,
-        sink: TokenSink,
-        seq_id: int,
-        sampler: Any | None,
-        matcher: Any | None = None,
-        *,
-        choice: int = 0,
-        group: _Group | None = None,
-    ) -> None:
-        self.job = job
-        self.sink = sink
-        self.seq_id = seq_id
-        self.sampler = sampler
-        self.choice = choice
-        self.group = group
-        #: llguidance's matcher when the answer is constrained (see sampling.Candidates and _deliver_constrained).
-        self.matcher = matcher
-        #: Answer tokens already delivered that go into the KV cache before ``last_token`` at the next step: the
-        #: sampled token and the forced ones before the last (jump-forward, see _deliver_constrained).
-        self.pending: list[int] = []
-        #: Each answer token's log probability, when the job asked for them, and which of them each text chunk carries.
-        self.logprobs: list[TokenLogprob] | None = [] if job.logprobs is not None else None
-        self.queue: LogprobQueue[TokenLogprob] | None = LogprobQueue() if job.logprobs is not None else None
-        self.assembler = TextAssembler(job.stop)
-        #: Cells held for this sequence; a group's prompt cells are the group's (``_Group.prompt_cells``).
-        self.reserved_cells = job.max_tokens if group is not None else len(job.prompt_tokens) + job.max_tokens
-        #: How many prompt tokens are already in the KV cache; generation starts once all are.
-        self.prefilled = 0
-        #: Position of the next token this sequence puts in the KV cache.
-        self.position = 0
-        self.produced = 0
-        #: Generated tokens put into the KV cache so far (all but the last sampled one); kept for the prompt cache.
-        self.fed: list[int] = []
-        self.last_token = -1
-        #: Row of this sequence's logits in the current batch, or -1 when it has no output this step.
-        self.batch_index = -1
-
-    @property
-    def generating(self) -> bool:
-        return self.prefilled == len(self.job.prompt_tokens)
 
 
 class GGUFEngine:
@@ -211,7 +129,7 @@ class GGUFEngine:
 
         self._inbox: queue.SimpleQueue[tuple[GenerationJob, TokenSink] | None] = queue.SimpleQueue()
         self._waiting: deque[tuple[GenerationJob, TokenSink]] = deque()
-        self._running: dict[int, _Running] = {}  # by seq id, in admission order
+        self._running: dict[int, RunningSequence] = {}  # by seq id, in admission order
         #: Sequence ids not running, least recently used first, each with the tokens its KV cells still hold.
         self._idle: dict[int, list[int]] = {seq_id: [] for seq_id in range(self._parallel)}
         self._prompt_cache = settings.prompt_cache
@@ -395,7 +313,7 @@ class GGUFEngine:
             reused = self._reuse_prefix(seq_id, cached, prompt, reusable=reusable)
             # The sequence's cached cells become part of this job's reservation.
             self._free_cells += len(cached) - needed
-            group = _Group(len(prompt)) if job.n > 1 else None
+            group = ChoiceGroup(len(prompt)) if job.n > 1 else None
             running = self._start(job, sink, seq_id, choice=0, group=group)
             running.prefilled = running.position = reused
             self.prompt_tokens_reused += reused
@@ -429,15 +347,17 @@ class GGUFEngine:
         return None
 
     def _start(
-        self, job: GenerationJob, sink: TokenSink, seq_id: int, *, choice: int, group: _Group | None
-    ) -> _Running:
+        self, job: GenerationJob, sink: TokenSink, seq_id: int, *, choice: int, group: ChoiceGroup | None
+    ) -> RunningSequence:
         """A running sequence for one choice of ``job``, on the sequence id ``seq_id`` just taken from the idle ones."""
         sampling = job.sampling
         if choice and sampling.seed is not None:
             # Each choice draws on its own: a seeded job's choice i uses seed + i, so the set of answers repeats.
             sampling = dataclasses.replace(sampling, seed=(sampling.seed + choice) % 2**32)
         matcher = self._constraints.matcher(job.grammar) if job.grammar is not None else None
-        running = _Running(job, sink, seq_id, new_sampler(sampling, self._n_vocab), matcher, choice=choice, group=group)
+        running = RunningSequence(
+            job, sink, seq_id, new_sampler(sampling, self._n_vocab), matcher, choice=choice, group=group
+        )
         if group is not None:
             group.members.append(running)
         self._running[seq_id] = running
@@ -507,14 +427,14 @@ class GGUFEngine:
             reused = self._restore_state(seq_id, saved, keep=saved_reuse)
         return reused
 
-    def _running_prefix(self, prompt: Sequence[int]) -> tuple[_Running | None, int]:
+    def _running_prefix(self, prompt: Sequence[int]) -> tuple[RunningSequence | None, int]:
         """The running sequence whose cells hold the longest prefix of ``prompt``, and that prefix's length.
 
         Two cases make this worth it: requests that share a start (a system prompt) while one of them is still
         running, and the next turn of a chat whose previous answer is still finishing (a client that read enough
         of it and asked again at once): both would otherwise decode the whole shared prefix again.
         """
-        best: _Running | None = None
+        best: RunningSequence | None = None
         best_length = 0
         limit = len(prompt) - 1
         for running in self._running.values():
@@ -526,7 +446,7 @@ class GGUFEngine:
                 best, best_length = running, length
         return best, best_length
 
-    def _copy_prefix(self, source: _Running, seq_id: int, length: int) -> int:
+    def _copy_prefix(self, source: RunningSequence, seq_id: int, length: int) -> int:
         """Give the empty sequence ``seq_id`` the first ``length`` cells of a running sequence; returns ``length``.
 
         In the shared cache the cells become the two sequences' own (no copy, no new cells: llama.cpp marks them
@@ -602,9 +522,9 @@ class GGUFEngine:
 
         n_tokens = 0
         tokens, positions, logits, seq_ids = self._batch_token, self._batch_pos, self._batch_logits, self._batch_seq_id
-        in_batch: list[_Running] = []
-        prefilling: list[_Running] = []
-        running_now: Iterable[_Running] = self._running.values()
+        in_batch: list[RunningSequence] = []
+        prefilling: list[RunningSequence] = []
+        running_now: Iterable[RunningSequence] = self._running.values()
         if self._per_sequence:
             # In increasing id order: with one KV stream per sequence, llama.cpp puts sequences in one ubatch only
             # while each id is the previous one plus one, so an unordered batch splits into several (measured: 4-token
@@ -698,7 +618,7 @@ class GGUFEngine:
             except Exception as exc:  # a broken sink ends its own job only
                 self._abort(running, exc)
 
-    def _share_prompt(self, first: _Running, group: _Group) -> list[_Running]:
+    def _share_prompt(self, first: RunningSequence, group: ChoiceGroup) -> list[RunningSequence]:
         """The first choice's prompt is now in the KV cache: copy its cells to the other choices, which sample their
         first token from the same row of logits. Answers the choices that got the prompt."""
         shared = []
@@ -715,7 +635,7 @@ class GGUFEngine:
             self._copies_pending = True
         return shared
 
-    def _put_pending(self, running: _Running, n_tokens: int) -> int:
+    def _put_pending(self, running: RunningSequence, n_tokens: int) -> int:
         """Put the sequence's pending answer tokens in the batch, without logits; returns the batch's new size."""
         tokens, positions, logits, seq_ids = self._batch_token, self._batch_pos, self._batch_logits, self._batch_seq_id
         for token in running.pending:
@@ -729,7 +649,7 @@ class GGUFEngine:
         running.pending = []
         return n_tokens
 
-    def _deliver_constrained(self, running: _Running, matcher: Any, token: int) -> None:
+    def _deliver_constrained(self, running: RunningSequence, matcher: Any, token: int) -> None:
         """Deliver a sampled token of a constrained answer, then the tokens its grammar forces next (jump-forward).
 
         Forced tokens (llguidance's fast-forward tokens: the rest of a key, punctuation, an enum value's tail) are
@@ -761,7 +681,7 @@ class GGUFEngine:
         if forced:
             running.pending = [token, *forced[:-1]]
 
-    def _deliver(self, running: _Running, token: int) -> bool:
+    def _deliver(self, running: RunningSequence, token: int) -> bool:
         """Hand a token's text to the sink; True while the job goes on (False: it finished here)."""
         piece, ends_generation = self.pieces(token)
         if ends_generation:
@@ -785,7 +705,7 @@ class GGUFEngine:
         running.last_token = token
         return True
 
-    def _logprob(self, running: _Running, token: int) -> TokenLogprob:
+    def _logprob(self, running: RunningSequence, token: int) -> TokenLogprob:
         """The token's log probability under the model's raw distribution (this step's logits, before temperature,
         penalties, biases and grammar), with the ``job.logprobs`` most likely tokens."""
         row = self._greedy.row(running.batch_index)
@@ -801,7 +721,7 @@ class GGUFEngine:
 
     # --- leaving --------------------------------------------------------------------------------------------
 
-    def _finish(self, running: _Running, reason: FinishReason) -> None:
+    def _finish(self, running: RunningSequence, reason: FinishReason) -> None:
         self._release(running)
         self.last_finish = JobFinish(running.job.job_id, reason, running.produced)
         try:
@@ -813,7 +733,7 @@ class GGUFEngine:
         except Exception:
             log.exception("a token sink failed while finishing job %d", running.job.job_id)
 
-    def _abort(self, running: _Running, error: Exception) -> None:
+    def _abort(self, running: RunningSequence, error: Exception) -> None:
         """End a job that failed: all of its choices, and its sink hears of it once."""
         # After a failure the cells' content is not known: never offer them as a cached prefix.
         members = running.group.members if running.group is not None else [running]
@@ -825,7 +745,7 @@ class GGUFEngine:
             error = GenerationError(f"generation failed: {error}")
         self._notify_failed(running.sink, error)
 
-    def _release(self, running: _Running, *, keep_cache: bool = True) -> bool:
+    def _release(self, running: RunningSequence, *, keep_cache: bool = True) -> bool:
         """Free a sequence that ended; False when it had already left."""
         if self._running.get(running.seq_id) is not running:
             return False
@@ -966,7 +886,7 @@ class GGUFEngine:
         return ctx
 
 
-def _by_seq_id(running: _Running) -> int:
+def _by_seq_id(running: RunningSequence) -> int:
     return running.seq_id
 
 
