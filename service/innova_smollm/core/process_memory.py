@@ -5,10 +5,10 @@ and with 4 KiB pages those reads cross a page every 4 KiB, so the TLB misses and
 at page boundaries, cost a large share of the step. llama.cpp allocates its weight, repacked-weight and KV buffers
 with plain ``posix_memalign``, which gets transparent huge pages only when the kernel's mode is ``always`` (Debian
 12's stock kernel), or when the mode is ``madvise`` (Ubuntu's kernels, many cloud and VM kernels) and glibc is told
-to advise its large mappings:
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, a documented glibc (2.35+) tunable read at process start. The role's unit
-sets it, as do ``scripts/dev serve`` and the benchmark's start of this service (docs/performance.md, "Huge pages",
-has the measurement); the engine logs what the process got, and ``/metrics`` exports it.
+to advise its large mappings: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, a documented glibc (2.35+) tunable read at
+process start. The role's unit sets it, as do ``scripts/dev serve`` and the benchmark's start of this service
+(docs/performance.md, "Huge pages", has the measurement); the engine logs what the process got, and ``/metrics``
+exports it.
 """
 
 from __future__ import annotations
