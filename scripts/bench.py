@@ -53,9 +53,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
+# What the role's unit puts in GLIBC_TUNABLES (core/process_memory.py says why); the module imports nothing heavy.
+from innova_smollm.core.process_memory import HUGE_PAGES_TUNABLE
+
 REPO = Path(__file__).resolve().parents[1]
-#: What the role's unit puts in GLIBC_TUNABLES (innova_smollm.core.process_memory.HUGE_PAGES_TUNABLE says why).
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Where a run's dated summary goes by default (committed), and where its raw samples, logs and chart go (ignored).
 RESULTS_DIR = REPO / "docs" / "results"

@@ -34,6 +34,8 @@ from typing import Any
 
 import requests
 
+from innova_smollm.core.process_memory import HUGE_PAGES_TUNABLE
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / "Llama-3.2-3B-Instruct-shape.Q4_K_M.gguf"
 API = "/innova/api/smollm"
@@ -127,7 +129,7 @@ def one_run(name: str, tree: Path, args: argparse.Namespace, bias: dict[str, int
             "SMOLLM_MAX_QUEUE": "8",
             "SMOLLM_LOG_LEVEL": "WARNING",
             # As the role's unit starts it (innova_backend_huge_pages).
-            "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+            "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE,
             **args.tree_env.get(name, {}),
         },
     )
