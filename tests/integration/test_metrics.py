@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -217,6 +218,10 @@ def test_process_memory_is_the_serving_process_own_proc_status(model_path: Path)
         before = _proc_memory(pid)
         metrics = requests.get(f"{service.url}/metrics", timeout=30)
         after = _proc_memory(pid)
+        start_up = [json.loads(line) for line in service.output().splitlines() if line.startswith("{")]
+    # Start-up ends by handing what loading freed back to the kernel (core/process_memory.release_free_heap).
+    trimmed = [record for record in start_up if record.get("event") == "heap_trimmed"]
+    assert len(trimmed) == 1 and trimmed[0]["mb"] >= 0, trimmed
     samples = {
         sample.labels["kind"]: sample.value
         for family in text_string_to_metric_families(metrics.text)

@@ -1,7 +1,9 @@
-"""The process's memory figures and the huge-pages advice, on /proc and /sys texts written to temporary files."""
+"""The process's memory figures and the huge-pages advice, on /proc and /sys texts written to temporary files; the
+start-up heap trim on this process's own C heap."""
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from innova_smollm.core.process_memory import (
     HUGE_PAGES_TUNABLE,
     huge_pages_advice,
     read_memory,
+    release_free_heap,
     transparent_huge_pages_mode,
 )
 
@@ -87,3 +90,28 @@ def test_madvise_mode_without_the_tunable_gets_advice_naming_it() -> None:
 )
 def test_no_advice_when_there_is_nothing_the_service_can_change(mode: str, environ: dict[str, str]) -> None:
     assert huge_pages_advice(mode, environ) is None
+
+
+def test_release_free_heap_returns_the_free_pages_left_between_live_blocks() -> None:
+    """100 MiB in 64 KiB blocks (below malloc's mmap threshold: they sit in the heap), 15 of every 16 freed: glibc
+    keeps those holes (only a heap's free top goes back by itself) until malloc_trim releases their pages."""
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    block = 64 * 1024
+    blocks = [libc.malloc(block) for _ in range(1600)]
+    assert all(blocks)
+    for address in blocks:
+        ctypes.memset(address, 1, block)  # resident, not just reserved
+    kept = blocks[::16]
+    for index, address in enumerate(blocks):
+        if index % 16:
+            libc.free(address)
+    try:
+        released = release_free_heap()
+        assert released is not None
+        assert released > 50 * 2**20, f"only {released / 2**20:.1f} MiB of ~94 MiB of holes released"
+    finally:
+        for address in kept:
+            libc.free(address)

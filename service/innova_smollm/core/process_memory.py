@@ -13,6 +13,7 @@ exports it.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -73,3 +74,23 @@ def huge_pages_advice(mode: str, environ: Mapping[str, str] | None = None) -> st
         "the model's weights sit in 4 KiB pages, which decodes about a quarter slower on the production model; "
         f"start the service with GLIBC_TUNABLES={HUGE_PAGES_TUNABLE} (the role's unit does; docs/performance.md)"
     )
+
+
+def release_free_heap() -> int | None:
+    """Hand the C heap's free pages back to the kernel once start-up is over; returns the bytes RSS fell by, or None
+    where the C library has no ``malloc_trim`` (glibc has it; musl does not).
+
+    Why: loading frees a lot inside malloc's heaps (llama.cpp's GGUF metadata and read buffers, the Python list of
+    token strings llguidance's tokenizer is built from) between allocations that stay (llama.cpp's vocabulary,
+    that tokenizer). glibc returns only the free top of a heap by itself; ``malloc_trim(0)``, a documented glibc call
+    (malloc_trim(3)), also releases the whole free pages in the middle. On the production model that is about 10 MiB
+    that requests did not take back (docs/results/2026-12-06-production-memory/README.md, "Evening").
+    """
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is None:
+        return None
+    before = read_memory().get("rss", 0.0)
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    trim(0)
+    return max(int(before - read_memory().get("rss", 0.0)), 0)

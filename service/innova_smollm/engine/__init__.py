@@ -14,7 +14,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from innova_smollm.core.process_memory import huge_pages_advice, read_memory, transparent_huge_pages_mode
+from innova_smollm.core.process_memory import (
+    huge_pages_advice,
+    read_memory,
+    release_free_heap,
+    transparent_huge_pages_mode,
+)
 from innova_smollm.core.types import Engine
 from innova_smollm.settings import Settings
 
@@ -26,6 +31,10 @@ def load_engine(settings: Settings) -> Engine:
     from innova_smollm.engine.scheduler import GGUFEngine
 
     engine = GGUFEngine(settings)
+    released = release_free_heap()  # what loading freed, now that the warm prompts are in too (start-up is over)
+    if released is not None:
+        mb = released // 2**20
+        log.info("start-up heap trimmed: %d MiB released", mb, extra={"event": "heap_trimmed", "mb": mb})
     report_huge_pages()
     return engine
 
