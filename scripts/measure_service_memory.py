@@ -10,6 +10,17 @@ forbidden by logit_bias, so every answer is that long), and then reads:
   from which the decode speed is given: per request 1 / TPOT, in all ``clients`` / TPOT (the clients decode together);
 - the load time: from the process start to /health answering 200.
 
+The services run on ``--python`` (default: this interpreter). Measure the production path with a venv made the
+way the role makes it, from the wheelhouse (scripts/build-wheelhouse.sh) and nothing else::
+
+    python3 -m venv ~/.cache/innova-smollm/server-venv
+    ~/.cache/innova-smollm/server-venv/bin/pip install --no-index --find-links ~/.cache/innova-smollm/wheelhouse \
+        'innova-smollm[server]'
+
+The development venv also holds the tests' packages (pydantic for the openai SDK, websockets, attrs), which Litestar
+and uvicorn import when they find them: about 9 MiB a production host does not hold. Each tree's ``service/`` comes
+first on PYTHONPATH, so the tree's code runs, not the wheel's.
+
 The budget comes from ``innova-smollm memory-budget`` (core/memory_budget.py) of the first tree. Trees alternate in a
 rotated order for ``--rounds`` rounds; the table gives each figure's median and range. Several source trees compare
 code versions, e.g. main before and after a change (``git archive <commit> service | tar -x -C /tmp/before``)::
@@ -138,7 +149,7 @@ def one_run(name: str, tree: Path, args: argparse.Namespace, bias: dict[str, int
     log_path.parent.mkdir(exist_ok=True)
     log = log_path.open("w")
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "innova_smollm", "serve"], env=env, stdout=log, stderr=log)
+    process = subprocess.Popen([str(args.python), "-m", "innova_smollm", "serve"], env=env, stdout=log, stderr=log)
     try:
         while True:
             if process.poll() is not None:
@@ -250,6 +261,12 @@ def main() -> int:
         default=[],
         help="NAME:VAR=VALUE, the environment of one tree's service (e.g. 'before:GLIBC_TUNABLES=' for no huge pages)",
     )
+    parser.add_argument(
+        "--python",
+        type=Path,
+        default=Path(sys.executable),
+        help="the interpreter that runs the services: a venv holding only innova-smollm[server] is the production path",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=48)
@@ -281,7 +298,8 @@ def main() -> int:
     print(table)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        settings = {k: v for k, v in vars(args).items() if k not in ("out", "tree")}
+        settings = {k: v for k, v in vars(args).items() if k not in ("out", "tree", "python")}
+        settings["python"] = str(args.python)
         settings["trees"] = {name: str(tree) for name, tree in trees}
         settings["model"] = str(args.model)
         document = {"budget": budget, "settings": settings, "runs": runs, "table": table}
