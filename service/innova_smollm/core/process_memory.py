@@ -89,8 +89,8 @@ def release_free_heap() -> int | None:
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is None:
         return None
-    before = read_memory().get("rss", 0.0)
+    before = _read_fields(PROC_STATUS, _STATUS_FIELDS).get("rss", 0.0)  # VmRSS alone: no walk of smaps_rollup
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
     trim(0)
-    return max(int(before - read_memory().get("rss", 0.0)), 0)
+    return max(int(before - _read_fields(PROC_STATUS, _STATUS_FIELDS).get("rss", 0.0)), 0)
