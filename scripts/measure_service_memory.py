@@ -298,7 +298,7 @@ def main() -> int:
     print(table)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        settings = {k: v for k, v in vars(args).items() if k not in ("out", "tree", "python")}
+        settings = {k: v for k, v in vars(args).items() if k not in ("out", "tree")}
         settings["python"] = str(args.python)
         settings["trees"] = {name: str(tree) for name, tree in trees}
         settings["model"] = str(args.model)
